@@ -1,0 +1,10 @@
+"""Doctest configuration: examples run with NumPy printing kept short."""
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _doctest_printing():
+    with np.printoptions(precision=4, suppress=True):
+        yield

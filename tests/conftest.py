@@ -1,0 +1,16 @@
+"""Test configuration: float64 is enabled so the float64 paths and oracles can run.
+
+Tests that check float32 behaviour build float32 arrays explicitly.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
+settings.load_profile("default")
