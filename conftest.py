@@ -1,4 +1,4 @@
-"""Doctest configuration: examples run with NumPy printing kept short."""
+"""Doctest configuration: NumPy printing kept short so docstring examples stay readable."""
 
 import numpy as np
 import pytest
