@@ -158,8 +158,8 @@ def _check_values(box: _Box, eps: Any | None, names=("x", "delta")) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _rsum(v, nb, dtype=None):
-  return jnp.sum(v, axis=tuple(range(nb, v.ndim)), dtype=dtype)
+def _rsum(v, nb):
+  return jnp.sum(v, axis=tuple(range(nb, v.ndim)))
 
 
 def _rmax(v, nb):
@@ -196,6 +196,20 @@ def _leaves(box: _Box):
     yield _room(x, d, lo, hi), jnp.abs(d)
 
 
+def _fused(operands, inits, ops, nb):
+  """Several row reductions as one variadic ``reduce``: a single pass over the data.
+
+  Separate ``jnp.sum`` calls become separate loops over the data on XLA:CPU; this
+  keeps every solver step at the cost of one streaming pass. Not differentiable,
+  so only the solvers use it.
+  """
+  dims = tuple(range(nb, operands[0].ndim))
+  operands = [jnp.broadcast_to(v, operands[0].shape) for v in operands]
+  inits = [jnp.asarray(i, v.dtype) for i, v in zip(inits, operands)]
+  combine = lambda a, b: tuple(op(u, w) for op, u, w in zip(ops, a, b))
+  return lax.reduce(tuple(operands), tuple(inits), combine, dims)
+
+
 class _Scale(NamedTuple):
   """Per-row facts from the first pass over the data."""
 
@@ -210,92 +224,121 @@ def _first_pass(box: _Box, eps, p, nb) -> _Scale:
   valid = True
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
     moving = ad > 0
-    m = jnp.maximum(m, _rmax(ad, nb))
-    if p != math.inf:
-      e = _bcast(eps, x.ndim, nb)
-      total = total + _rsum(jnp.where(moving, _pow(s / e, p), 0), nb)
-    ok = jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi)
-    valid = valid & jnp.all(ok, axis=tuple(range(nb, ok.ndim)))
-  return _Scale(m, _r_max(box, nb), total <= 1, valid)
+    e = _bcast(eps, s.ndim, nb)
+    leaf = _fused(
+        (
+            ad,
+            jnp.where(moving, s / jnp.where(moving, ad, 1), 0),
+            jnp.where(moving, _pow(s / e, p), 0) if p != math.inf else jnp.zeros_like(s),
+            jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi),
+        ),
+        (0, 0, 0, True),
+        (jnp.maximum, jnp.maximum, jnp.add, jnp.logical_and),
+        nb,
+    )
+    m, r_max = jnp.maximum(m, leaf[0]), jnp.maximum(r_max, leaf[1])
+    total, valid = total + leaf[2], valid & leaf[3]
+  return _Scale(m, r_max, total <= 1, valid)
+
+
+def _terms(s, ad, eta, eps, m, p, nb):
+  """Per-coordinate ``b_i`` (saturated), ``a_i`` (free) and free ``|delta_i|`` at ``eta``."""
+  sat = s <= _bcast(eta, s.ndim, nb) * ad
+  # Zero the masked-out operand before the power, so its gradient is finite too.
+  free = jnp.where(sat, 0, ad)
+  b = _pow(jnp.where(sat, s, 0) / _bcast(eps, s.ndim, nb), p)
+  a = _pow(free / _bcast(m, s.ndim, nb), p)
+  return b, a, free
 
 
 def _stats(box: _Box, eta, eps, m, p, nb):
-  """(Σ_S b_i, Σ_{not S} a_i, |S|) with ``S = {i : s_i <= eta·|delta_i|}``."""
-  sb = sa = 0.0
-  count = 0
+  """One pass: ``Σ_S b_i``, ``Σ_{not S} a_i`` and ``max_{not S} |delta_i|``.
+
+  ``S = {i : s_i <= eta·|delta_i|}``, and ``a_i = (|delta_i| / m)^p``.
+  """
+  sb = sa = m_free = 0.0
   for s, ad in _leaves(box):
-    sat = s <= _bcast(eta, s.ndim, nb) * ad
-    # Zero the masked-out operand before the power, so its gradient is finite too.
-    b = _pow(jnp.where(sat, s, 0) / _bcast(eps, s.ndim, nb), p)
-    a = _pow(jnp.where(sat, 0, ad) / _bcast(m, s.ndim, nb), p)
-    sb = sb + _rsum(b, nb)
-    sa = sa + _rsum(a, nb)
-    count = count + _rsum(sat, nb, jnp.int32)
-  return sb, sa, count
+    b, a, free = _fused(
+        _terms(s, ad, eta, eps, m, p, nb), (0, 0, 0), (jnp.add, jnp.add, jnp.maximum), nb
+    )
+    sb, sa, m_free = sb + b, sa + a, jnp.maximum(m_free, free)
+  return sb, sa, m_free
 
 
-def _newton_theta(sb, sa, p):
-  """Root of the current piece's linear extension: ``theta^p·sa = 1 − sb``."""
-  return _root(jnp.maximum(1 - sb, 0) / sa, p)
+def _piece_root(sb, sa, eps, m, p):
+  """Root of the current piece's linear extension, ``(eta·m/eps)^p·sa = 1 − sb``.
+
+  With nothing free (``sa == 0``) every moving coordinate is saturated: ``inf``,
+  which the caller clips to the last breakpoint.
+  """
+  safe = jnp.where(sa > 0, sa, 1)
+  return jnp.where(sa > 0, eps / m * _root(jnp.maximum(1 - sb, 0) / safe, p), jnp.inf)
 
 
-# ---------------------------------------------------------------------------
-# Solvers for theta. Each takes the scaled problem and returns theta per row.
-# ---------------------------------------------------------------------------
+# The free sum is trusted when its largest term, (m_free/m)^p, is at least this:
+# smaller terms then lose nothing that matters to underflow, in float32 too.
+_TINY = 2.0**-60
 
 
-def _theta_newton(box, eps, sc, p, nb):
+def _eta_newton(box, eps, sc, p, nb):
   """Active-set Newton from the left; exact when the saturated set stops growing.
 
   ``F(v)`` is concave and piecewise linear, so each step lands on the root of the
   current piece's extension, at or left of the solution; the iterates rise
-  monotonically and stop, exactly, once the saturated set no longer changes.
+  monotonically. A step that does not rise means the saturated set at ``eta``
+  gives back ``eta`` itself: ``eta`` solves its own piece, exactly. The free
+  sum is scaled by the largest free ``|delta_i|`` of the previous pass (an upper
+  bound, since the free set only shrinks); when that scale has become too coarse
+  (heavy tails, large p), the pass only refreshes it.
   """
-  to_eta = lambda theta: theta * eps / sc.m
 
   def cond(carry):
-    k, _, count, prev = carry
-    # ``>`` rather than ``!=``: at a breakpoint, rounding may drop a coordinate from
-    # the set again, and both sides of a breakpoint give the same theta.
-    return (k < _MAX_NEWTON_PASSES) & jnp.any(count > prev)
+    k, eta, prev, _ = carry
+    return (k < _MAX_NEWTON_PASSES) & jnp.any(eta > prev)
 
   def body(carry):
-    k, theta, count, _ = carry
-    sb, sa, new_count = _stats(box, to_eta(theta), eps, sc.m, p, nb)
-    return k + 1, _newton_theta(sb, sa, p), new_count, count
+    k, eta, _, m = carry
+    sb, sa, m_free = _stats(box, eta, eps, m, p, nb)
+    trusted = (m_free == 0) | (_pow(m_free / m, p) >= _TINY)
+    step = jnp.maximum(_piece_root(sb, sa, eps, m, p), eta)
+    return (
+        k + 1,
+        jnp.where(trusted, step, eta),
+        jnp.where(trusted, eta, -1),
+        jnp.where(m_free > 0, m_free, m),
+    )
 
-  shape = jnp.shape(eps)
-  zero = jnp.zeros(shape, eps.dtype)
-  init = (0, zero, jnp.full(shape, -1, jnp.int32), jnp.full(shape, -2, jnp.int32))
-  _, theta, count, prev = lax.while_loop(cond, body, init)
-  # The body computed ``theta`` from the set of the previous pass; it is final
-  # where that set was re-observed unchanged.
-  stuck = count > prev
+  init = (0, jnp.zeros_like(eps), jnp.full_like(eps, -1), sc.m)
+  _, eta, prev, m = lax.while_loop(cond, body, init)
+  stuck = eta > prev
   return lax.cond(
       jnp.any(stuck),
-      lambda: jnp.where(stuck, _theta_bisect(box, eps, sc, p, nb, lo=theta), theta),
-      lambda: theta,
+      lambda: jnp.where(stuck, _eta_bisect(box, eps, sc, p, nb, lo=eta), eta),
+      lambda: eta,
   )
 
 
-def _theta_bisect(box, eps, sc, p, nb, lo=None):
-  """Bisection over the bit patterns of theta, then one exact Newton step.
+def _eta_bisect(box, eps, sc, p, nb, lo=None):
+  """Bisection over the bit patterns of eta, then one exact Newton step.
 
   Positive floats order like their bit patterns, so at most 31 (float32) or 63
   (float64) halvings leave ``lo`` and ``hi`` adjacent: no breakpoint lies between
-  them, and the Newton step from ``lo`` solves the piece exactly.
+  them, and the Newton step from ``lo`` solves the piece exactly. The comparison
+  uses ``Σ (min(eta·|delta_i|, s_i)/eps)^p``, which needs no scale: terms that
+  overflow are far past the target and terms that underflow do not matter.
   """
   dtype = eps.dtype
   itype = jnp.int32 if dtype == jnp.float32 else jnp.int64
-  to_eta = lambda theta: theta * eps / sc.m
   lo = jnp.zeros_like(eps) if lo is None else lo
-  hi = sc.r_max * sc.m / eps
   as_int = lambda v: lax.bitcast_convert_type(v, itype)
   as_float = lambda i: lax.bitcast_convert_type(i, dtype)
 
-  def below(theta):
-    sb, sa, _ = _stats(box, to_eta(theta), eps, sc.m, p, nb)
-    return sb + jnp.where(sa > 0, _pow(theta, p) * sa, 0) < 1
+  def below(eta):
+    total = 0.0
+    for s, ad in _leaves(box):
+      moved = jnp.minimum(_bcast(eta, s.ndim, nb) * ad, s) / _bcast(eps, s.ndim, nb)
+      total = total + _fused((_pow(moved, p),), (0,), (jnp.add,), nb)[0]
+    return total < 1
 
   def body(carry):
     lo_i, hi_i = carry
@@ -303,41 +346,51 @@ def _theta_bisect(box, eps, sc, p, nb, lo=None):
     go_right = below(as_float(mid))
     return jnp.where(go_right, mid, lo_i), jnp.where(go_right, hi_i, mid)
 
-  lo_i, _ = lax.while_loop(
-      lambda c: jnp.any(c[1] - c[0] > 1), body, (as_int(lo), as_int(jnp.maximum(hi, lo)))
-  )
+  hi = jnp.maximum(sc.r_max, lo)
+  lo_i, _ = lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), body, (as_int(lo), as_int(hi)))
   lo = as_float(lo_i)
-  sb, sa, _ = _stats(box, to_eta(lo), eps, sc.m, p, nb)
-  return _newton_theta(sb, sa, p)
+  _, _, m_free = _stats(box, lo, eps, sc.m, p, nb)
+  m_free = jnp.where(m_free > 0, m_free, 1)
+  sb, sa, _ = _stats(box, lo, eps, m_free, p, nb)
+  return _piece_root(sb, sa, eps, m_free, p)
 
 
-def _theta_sort(box, eps, sc, p, nb):
+def _eta_sort(box, eps, sc, p, nb):
   """The paper's algorithm: sort the breakpoints, cumulative sums, one linear solve.
 
   The sort needs the whole vector, so a pytree's leaves are concatenated here (and
-  only here).
+  only here). The free sums over each suffix are accumulated as (max, sum scaled
+  by that max) pairs, an associative scan that neither overflows nor underflows.
   """
   rows = lambda v: jnp.reshape(v, jnp.shape(v)[:nb] + (-1,))
-  rs, as_, bs = [], [], []
-  for x, (s, ad) in zip(box.xs, _leaves(box)):
+  rs, ads, bs = [], [], []
+  for s, ad in _leaves(box):
     moving = ad > 0
     rs.append(rows(jnp.where(moving, s / jnp.where(moving, ad, 1), jnp.inf)))
-    as_.append(rows(_pow(ad / _bcast(sc.m, x.ndim, nb), p)))
-    bs.append(rows(_pow(jnp.where(moving, s, 0) / _bcast(eps, x.ndim, nb), p)))
-  r, a, b = (jnp.concatenate(v, axis=-1) for v in (rs, as_, bs))
-  r, a, b = lax.sort((r, a, b), dimension=r.ndim - 1, num_keys=1)
+    ads.append(rows(ad))
+    bs.append(rows(_pow(jnp.where(moving, s, 0) / _bcast(eps, s.ndim, nb), p)))
+  r, ad, b = (jnp.concatenate(v, axis=-1) for v in (rs, ads, bs))
+  r, ad, b = lax.sort((r, ad, b), dimension=r.ndim - 1, num_keys=1)
+
+  def merge(u, v):
+    top = jnp.maximum(u[0], v[0])
+    safe = jnp.where(top > 0, top, 1)
+    return top, u[1] * _pow(u[0] / safe, p) + v[1] * _pow(v[0] / safe, p)
+
+  top, total = lax.associative_scan(merge, (ad, (ad > 0).astype(ad.dtype)), reverse=True, axis=ad.ndim - 1)
+  shift = lambda v: jnp.concatenate([v[..., 1:], jnp.zeros_like(v[..., :1])], axis=-1)
+  top_after, total_after = shift(top), shift(total)  # over j > k
   saturated_b = jnp.cumsum(b, axis=-1)
-  # Σ_{j > k} a_j: the slope just right of breakpoint k.
-  slope = jnp.flip(jnp.cumsum(jnp.flip(a, -1), axis=-1), -1) - a
-  theta_k = r * (sc.m / eps)[..., None]
-  g = saturated_b + jnp.where(slope > 0, _pow(theta_k, p) * slope, 0)
-  k = jnp.argmax(g >= 1, axis=-1)  # first breakpoint at or past the solution
+  e = eps[..., None]
+  free = jnp.where(total_after > 0, _pow(r * top_after / e, p) * total_after, 0)
+  k = jnp.argmax(saturated_b + free >= 1, axis=-1)  # first breakpoint at or past the solution
   take = lambda v, i: jnp.take_along_axis(v, i[..., None], axis=-1)[..., 0]
   before = jnp.where(k > 0, take(saturated_b, jnp.maximum(k - 1, 0)), 0)
-  return _newton_theta(before, take(slope, k) + take(a, k), p)
+  m = take(top, k)
+  return _piece_root(before, take(total, k), eps, jnp.where(m > 0, m, 1), p)
 
 
-_SOLVERS = {"newton": _theta_newton, "bisect": _theta_bisect, "sort": _theta_sort}
+_SOLVERS = {"newton": _eta_newton, "bisect": _eta_bisect, "sort": _eta_sort}
 
 
 def _resolve_method(method: str) -> str:
@@ -356,8 +409,7 @@ def _eta_finite(box: _Box, eps, p, method, nb):
   safe_eps = jnp.where(eps > 0, eps, 1)
   sc = _first_pass(box, safe_eps, p, nb)
   safe = sc._replace(m=jnp.where(sc.m > 0, sc.m, 1))
-  theta = _SOLVERS[method](box, safe_eps, safe, p, nb)
-  eta = jnp.clip(theta * safe_eps / safe.m, 0, sc.r_max)
+  eta = jnp.clip(_SOLVERS[method](box, safe_eps, safe, p, nb), 0, sc.r_max)
   eta = jnp.where(sc.beyond, sc.r_max, eta)
   eta = jnp.where((eps > 0) & (sc.m > 0), eta, 0)
   valid = sc.valid & jnp.isfinite(eps) & (eps >= 0)
@@ -372,15 +424,21 @@ def _r_max(box: _Box, nb):
   return r
 
 
-def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond, m):
+def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond):
   """eta as a differentiable function of the data, with the final piece held fixed."""
   safe_eps = jnp.where(eps > 0, eps, 1)
-  safe_m = jnp.where(m > 0, m, 1)
-  sb, sa, _ = _stats(box, eta_star, safe_eps, safe_m, p, nb)
-  piece = safe_eps / safe_m * _newton_theta(sb, jnp.where(sa > 0, sa, 1), p)
+  # eta does not depend on the scale m; holding it fixed keeps its max out of the tangent.
+  m = 0.0
+  for s, ad in _leaves(box):
+    m = jnp.maximum(m, _rmax(_terms(s, ad, eta_star, safe_eps, 1.0, 1, nb)[2], nb))
+  m = lax.stop_gradient(jnp.where(m > 0, m, 1))
+  sb = sa = 0.0
+  for s, ad in _leaves(box):
+    b, a, _ = _terms(s, ad, eta_star, safe_eps, m, p, nb)
+    sb, sa = sb + _rsum(b, nb), sa + _rsum(a, nb)
   # Past the solution every moving coordinate is saturated: eta is the last breakpoint.
-  eta = jnp.where(beyond | (sa <= 0), _r_max(box, nb), piece)
-  return jnp.where((eps > 0) & (m > 0), eta, 0)
+  eta = jnp.where(beyond | (sa <= 0), _r_max(box, nb), _piece_root(sb, sa, safe_eps, m, p))
+  return jnp.where((eps > 0) & (lax.stop_gradient(eta_star) > 0), eta, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,6 +453,17 @@ def _batched_solver(p: float, method: str):
 
   @solve.def_vmap
   def rule(axis_size, in_batched, box, eps):
+    if _row_by_row((box, eps)):
+      leaves, treedef = jax.tree.flatten((box, eps))
+      flags = jax.tree.leaves(in_batched)
+
+      def one(row):
+        row = iter(row)
+        values = [next(row) if b else v for v, b in zip(leaves, flags)]
+        return _eta_finite(*jax.tree.unflatten(treedef, values), p, method, 0)
+
+      return lax.map(one, [v for v, b in zip(leaves, flags) if b]), (True, True)
+
     box_b, eps_b = in_batched
     ndims = [x.ndim - b for x, b in zip(box.xs, box_b.xs)]
 
@@ -420,6 +489,24 @@ def _batched_solver(p: float, method: str):
   return solve
 
 
+def _row_by_row(tree) -> bool:
+  """Whether a batched solve should run one row at a time.
+
+  On CPU a row (up to a few MB) stays in cache through all of its passes, while a
+  lockstep pass over the whole batch streams it from memory every time and runs
+  until the slowest row is done: row by row is faster there (benchmarks/). On
+  accelerators, and whenever the batch may be sharded over a mesh, the lockstep
+  solve keeps every reduction row-local, so the partitioner never gathers rows.
+  """
+  if jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
+    return False
+  for v in jax.tree.leaves(tree):
+    spec = getattr(getattr(jax.typeof(v), "sharding", None), "spec", None)
+    if spec and any(s is not None for s in spec):
+      return False
+  return True
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _eta(box, eps, p, method):
   return _batched_solver(p, method)(box, eps)[0]
@@ -429,12 +516,7 @@ def _eta(box, eps, p, method):
 def _eta_jvp(p, method, primals, tangents):
   box, eps = primals
   eta, beyond = _batched_solver(p, method)(box, eps)
-  m = 0.0
-  for _, ad in _leaves(box):
-    m = jnp.maximum(m, jnp.max(ad, initial=0.0))
-  # eta does not depend on the scale m; holding it fixed keeps its max out of the tangent.
-  m = lax.stop_gradient(m)
-  f = lambda box, eps: _eta_closed_form(box, eps, p, 0, eta, beyond, m)
+  f = lambda box, eps: _eta_closed_form(box, eps, p, 0, eta, beyond)
   _, t = jax.jvp(f, primals, tangents)
   return eta, t
 

@@ -1,0 +1,63 @@
+"""Smoke runs of the examples: outputs exist and the headline numbers make sense."""
+
+import math
+import os
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture(autouse=True)
+def _examples_on_path(monkeypatch):
+  # The examples import their shared helper as a sibling module, as they do
+  # when run as scripts.
+  monkeypatch.syspath_prepend(EXAMPLES)
+
+
+def _run(module_name, tmp_path, capsys):
+  module = __import__(module_name)
+  result = module.main(["--smoke", "--out", str(tmp_path)])
+  assert os.path.getsize(result["plot"]) > 0
+  assert os.path.dirname(result["plot"]) == str(tmp_path)
+  return result, capsys.readouterr().out
+
+
+def test_noise_robustness(tmp_path, capsys):
+  result, out = _run("noise_robustness", tmp_path, capsys)
+  assert "claimed" in out and "naive true" in out
+  assert result["clean_accuracy"] > 0.8
+  for row in result["rows"]:
+    # Exact noise has the claimed size for every image; naive noise is smaller.
+    assert row["exact_size"] == pytest.approx(row["eps"], rel=1e-4)
+    assert row["exact_min_size"] == pytest.approx(row["eps"], rel=1e-4)
+    assert row["naive_size"] < row["eps"] * (0.9 if row["norm"] == "L2" else 1.0)
+    assert 0.0 <= row["naive_acc"] <= 1.0 and 0.0 <= row["exact_acc"] <= 1.0
+
+
+def test_pgd_attack(tmp_path, capsys):
+  result, out = _run("pgd_attack", tmp_path, capsys)
+  assert "step/alpha" in out
+  rows = {(r["variant"], r["eps"]): r for r in result["rows"]}
+  for (variant, eps), row in rows.items():
+    assert row["max_final_norm"] <= eps * (1 + 1e-5)
+    assert 0.0 <= row["success"] <= 1.0
+    if variant == "clipping-aware step":
+      assert row["step_ratio_min"] == pytest.approx(1.0, rel=1e-4)
+      assert row["step_ratio_max"] == pytest.approx(1.0, rel=1e-4)
+    else:
+      assert row["step_ratio"] < 0.95
+    naive = rows[("normalize, project, clip", eps)]
+    exact = rows[("normalize, exact projection", eps)]
+    # Project-then-clip wastes budget; the exact projection spends all of it.
+    assert exact["final_norm"] == pytest.approx(eps, rel=1e-4)
+    assert naive["final_norm"] < exact["final_norm"]
+
+
+def test_clipped_sgd_least_squares(tmp_path, capsys):
+  result, out = _run("clipped_sgd_least_squares", tmp_path, capsys)
+  assert "best clipped / best plain" in out
+  for noise, r in result["results"].items():
+    # Starting from w = 0 the excess risk is about 0.5; the best runs learn.
+    assert 0.0 < r["plain"] < 0.5 and 0.0 < r["clipped"] < 0.5
+    assert math.isclose(r["ratio"], r["clipped"] / r["plain"])

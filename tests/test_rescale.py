@@ -1,0 +1,431 @@
+"""Tests for clipjax.rescale and clipjax.max_norm against the float64 NumPy oracle."""
+
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import clipjax
+import oracle
+
+rescale_module = importlib.import_module("clipjax.rescale")
+
+P_VALUES = [1.0, 1.5, 2.0, 3.0, 7.0, math.inf]
+METHODS = ["newton", "sort", "bisect", "auto"]
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(p, method):
+  return jax.jit(functools.partial(clipjax.rescale, p=p, method=method))
+
+
+def random_case(rng, n, *, heavy=False, array_bounds=False, dtype=np.float64):
+  """A point in a box with zeros in delta and coordinates on the bounds."""
+  if array_bounds:
+    lower = rng.uniform(-1, 0.5, n)
+    upper = lower + rng.uniform(0, 2, n)
+  else:
+    lower, upper = 0.0, 1.0
+  x = lower + rng.uniform(0, 1, n) * (np.asarray(upper) - lower)
+  on_lower, on_upper = rng.uniform(size=n) < 0.15, rng.uniform(size=n) < 0.15
+  x = np.where(on_lower, lower, np.where(on_upper, upper, x))
+  d = rng.standard_normal(n)
+  if heavy:
+    d = d * np.abs(rng.standard_cauchy(n)) ** 2
+  d[rng.uniform(size=n) < 0.1] = 0.0
+  cast = lambda v: np.asarray(v, dtype) if np.ndim(v) else v
+  return cast(x), cast(d), cast(lower), cast(upper)
+
+
+# ---------------------------------------------------------------------------
+# Exactness against the oracle
+# ---------------------------------------------------------------------------
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.sampled_from([1, 5, 64]),
+    p=st.sampled_from(P_VALUES),
+    method=st.sampled_from(METHODS),
+    fraction=st.sampled_from([0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0, 1.3]),
+    heavy=st.booleans(),
+    array_bounds=st.booleans(),
+)
+def test_matches_oracle_float64(seed, n, p, method, fraction, heavy, array_bounds):
+  rng = np.random.default_rng(seed)
+  x, d, lower, upper = random_case(rng, n, heavy=heavy, array_bounds=array_bounds)
+  eps = fraction * oracle.max_norm(x, d, p, lower, upper)
+  eta = jitted(p, method)(x, d, eps, lower=lower, upper=upper)
+  assert eta.dtype == jnp.float64
+  want = oracle.rescale(x, d, eps, p, lower, upper)
+  np.testing.assert_allclose(float(eta), want, rtol=1e-9, atol=1e-300)
+  reached = oracle.norm_after_clip(x, d, float(eta), p, lower, upper)
+  np.testing.assert_allclose(reached, min(eps, oracle.max_norm(x, d, p, lower, upper)), rtol=1e-9)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    p=st.sampled_from(P_VALUES),
+    method=st.sampled_from(METHODS),
+    fraction=st.sampled_from([0.01, 0.3, 0.7, 0.95, 1.2]),
+    heavy=st.booleans(),
+)
+def test_matches_oracle_float32(seed, p, method, fraction, heavy):
+  rng = np.random.default_rng(seed)
+  x, d, lower, upper = random_case(rng, 300, heavy=heavy, dtype=np.float32)
+  eps = np.float32(fraction * oracle.max_norm(x, d, p))
+  eta = jitted(p, method)(x, d, eps)
+  assert eta.dtype == jnp.float32
+  # The oracle solves the problem exactly as it was rounded to float32. Summing a few
+  # hundred float32 terms costs ~1e-6 of the norm (backward error); eta inherits it
+  # amplified by the problem's condition number, so the bound scales with it.
+  want = oracle.rescale(x, d, float(eps), p)
+  reached = oracle.norm_after_clip(x, d, float(eta), p)
+  np.testing.assert_allclose(reached, min(float(eps), oracle.max_norm(x, d, p)), rtol=1e-5)
+  if p != math.inf:
+    cond = oracle.condition(x, d, want, p)
+    np.testing.assert_allclose(float(eta), want, rtol=1e-5 * max(1.0, cond))
+  else:
+    np.testing.assert_allclose(float(eta), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+def test_large_p_heavy_tails_float32_no_overflow(method):
+  """p = 7 with heavy-tailed directions: naive powers overflow float32 (1e38)."""
+  rng = np.random.default_rng(7)
+  x = rng.uniform(0, 1, 2000).astype(np.float32)
+  c = rng.standard_cauchy(2000)
+  d = (np.sign(c) * np.abs(c) ** 2.5).astype(np.float32)
+  assert np.all(np.isfinite(d)) and np.max(np.abs(d).astype(np.float64)) ** 7 > 1e38
+  for fraction in [1e-4, 0.2, 0.9]:
+    eps = np.float32(fraction * oracle.max_norm(x, d, 7))
+    eta = float(jitted(7.0, method)(x, d, eps))
+    assert np.isfinite(eta)
+    np.testing.assert_allclose(eta, oracle.rescale(x, d, float(eps), 7), rtol=1e-4)
+  # Tiny eps: every power of the step underflows unless scaled.
+  eps = np.float32(1e-6)
+  np.testing.assert_allclose(float(jitted(7.0, method)(x, d, eps)), oracle.rescale(x, d, 1e-6, 7), rtol=1e-4)
+
+
+def test_methods_agree_on_image_batch():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (784,))
+  x[rng.uniform(size=784) < 0.6] = 0.0  # mostly-zero image, like MNIST
+  d = rng.standard_normal(784)
+  results = [float(jitted(2.0, m)(x, d, 3.6)) for m in ["newton", "sort", "bisect"]]
+  np.testing.assert_allclose(results, oracle.rescale(x, d, 3.6, 2), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Edge cases of the contract
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+def test_edge_cases(p, method):
+  f = jitted(p, method)
+  x = np.array([0.0, 0.3, 1.0, 0.5, 0.9])
+  d = np.array([-1.0, 2.0, 1.0, 0.0, -0.5])
+  assert float(f(x, d, 0.0)) == 0.0  # eps = 0
+  assert float(f(x, np.zeros(5), 0.7)) == 0.0  # all-zero delta
+  # eps beyond the maximum: the smallest eta that reaches the maximum, finite.
+  top = oracle.max_norm(x, d, p)
+  eta = float(f(x, d, 10 * top))
+  np.testing.assert_allclose(eta, oracle.rescale(x, d, top, p), rtol=1e-12)
+  np.testing.assert_allclose(oracle.norm_after_clip(x, d, eta, p), top, rtol=1e-12)
+  assert eta == pytest.approx(float(f(x, d, top)), rel=1e-12)
+  # Coordinates with delta_i == 0 never move, even at large eta.
+  moved = np.asarray(clipjax.perturb(x, d, 10 * top, p=p, method=method)) - x
+  assert moved[3] == 0.0
+  # x on the bounds, moving outwards: nothing can move.
+  assert float(f(np.array([0.0, 1.0]), np.array([-1.0, 3.0]), 0.5)) == 0.0
+
+
+def test_p_inf_is_smallest_eta():
+  x = np.array([0.5, 0.5, 0.95])
+  d = np.array([1.0, 0.5, 4.0])
+  # Coordinate 2 saturates at 0.05 < eps, so the norm reaches 0.2 through coordinate 0.
+  eta = float(clipjax.rescale(x, d, 0.2, p="inf"))
+  assert eta == pytest.approx(0.2)
+  for smaller in [eta * (1 - 1e-9), 0.9 * eta]:
+    assert oracle.norm_after_clip(x, d, smaller, np.inf) < 0.2
+  assert float(clipjax.rescale(x, d, 0.2, p=jnp.inf)) == eta
+  assert float(clipjax.rescale(x, d, 0.2, p=float("inf"))) == eta
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_computed_in_float32(dtype):
+  rng = np.random.default_rng(1)
+  x, d, _, _ = random_case(rng, 200)
+  xh, dh = jnp.asarray(x, dtype), jnp.asarray(d, dtype)
+  eta = clipjax.rescale(xh, dh, 2.0)
+  assert eta.dtype == dtype
+  want = oracle.rescale(np.asarray(xh, np.float64), np.asarray(dh, np.float64), 2.0, 2)
+  np.testing.assert_allclose(float(eta), want, rtol=1e-2)
+  y = clipjax.perturb(xh, dh, 2.0)
+  assert y.dtype == dtype and y.shape == xh.shape
+  # The solve is in float32: only the final rounding to half precision is lost.
+  f32 = clipjax.rescale(xh.astype(jnp.float32), dh.astype(jnp.float32), 2.0)
+  np.testing.assert_allclose(float(eta), float(f32), rtol=1e-2)
+
+
+def test_newton_fallback_is_exact(monkeypatch):
+  """Force the bounded fallback (bisection over bit patterns) after one or two passes."""
+  rng = np.random.default_rng(3)
+  # Geometric breakpoints: every Newton step saturates only a few more coordinates.
+  n = 200
+  x = np.full(n, 0.5)
+  d = 0.5 / np.geomspace(1e-3, 1.0, n) * rng.choice([-1, 1], n)
+  eps = 0.5 * oracle.max_norm(x, d, 2)
+  want = oracle.rescale(x, d, eps, 2)
+  for passes in [1, 2, 5]:
+    monkeypatch.setattr(rescale_module, "_MAX_NEWTON_PASSES", passes)
+    got = float(jax.jit(functools.partial(clipjax.rescale, method="newton"))(x, d, eps))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Pytrees, bounds, jit and vmap
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+def test_pytree_equals_flat_vector(p, method):
+  rng = np.random.default_rng(4)
+  x = {"a": rng.uniform(0, 1, (3, 4)), "b": [rng.uniform(-1, 1, 5), rng.uniform(0, 2, ())]}
+  d = jax.tree.map(lambda v: rng.standard_normal(np.shape(v)), x)
+  lower = {"a": 0.0, "b": [np.full(5, -1.0), 0.0]}
+  upper = {"a": np.ones((1, 4)), "b": [1.0, 2.0]}
+  eps = 1.5
+  eta = float(clipjax.rescale(x, d, eps, p=p, lower=lower, upper=upper, method=method))
+  leaves = lambda t: jax.tree.leaves(t)
+  bcast = lambda b: [np.broadcast_to(lb, np.shape(lx)) for lb, lx in zip(leaves(b), leaves(x))]
+  flat_x, flat_d = oracle.flat(leaves(x)), oracle.flat(leaves(d))
+  flat_lo, flat_hi = oracle.flat(bcast(lower)), oracle.flat(bcast(upper))
+  np.testing.assert_allclose(eta, oracle.rescale(flat_x, flat_d, eps, p, flat_lo, flat_hi), rtol=1e-10)
+  flat_eta = float(clipjax.rescale(flat_x, flat_d, eps, p=p, lower=flat_lo, upper=flat_hi, method=method))
+  np.testing.assert_allclose(eta, flat_eta, rtol=1e-12)
+  y = clipjax.perturb(x, d, eps, p=p, lower=lower, upper=upper, method=method)
+  assert jax.tree.structure(y) == jax.tree.structure(x)
+  np.testing.assert_allclose(
+      oracle.norm_after_clip(flat_x, flat_d, eta, p, flat_lo, flat_hi), eps, rtol=1e-10
+  )
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 7.0, math.inf])
+@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+def test_vmap_matches_loop(p, method):
+  rng = np.random.default_rng(5)
+  cases = [random_case(rng, 50, heavy=bool(i % 2), array_bounds=True) for i in range(6)]
+  x, d, lo, hi = (np.stack(v) for v in zip(*cases))
+  eps = np.array([0.0, 0.1, 0.5, 1.0, 2.0, 50.0])
+  f = lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi, method=method)
+  batched = jax.jit(jax.vmap(f))(x, d, eps, lo, hi)
+  want = [oracle.rescale(*args, p, l, h) for args, l, h in zip(zip(x, d, eps), lo, hi)]
+  np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-10)
+  loop = [float(f(*args)) for args in zip(x, d, eps, lo, hi)]
+  np.testing.assert_allclose(np.asarray(batched), loop, rtol=1e-12)
+
+
+def test_vmap_mixed_batching_and_nesting():
+  rng = np.random.default_rng(6)
+  x = rng.uniform(0, 1, (4, 3, 10))
+  d = rng.standard_normal((4, 3, 10))
+  eps = rng.uniform(0.1, 1.0, (4, 3))
+  upper = rng.uniform(0.5, 1.0, (3, 10))  # per-row bound, shared across the outer batch
+  x = np.minimum(x, upper)
+  f = lambda x, d, e, hi: clipjax.rescale(x, d, e, upper=hi)
+  nested = jax.jit(jax.vmap(jax.vmap(f), in_axes=(0, 0, 0, None)))(x, d, eps, upper)
+  for i in range(4):
+    for j in range(3):
+      want = oracle.rescale(x[i, j], d[i, j], eps[i, j], 2, 0.0, upper[j])
+      np.testing.assert_allclose(float(nested[i, j]), want, rtol=1e-10)
+  # One x, many directions; one direction, many eps; a batched bound of lower rank.
+  shared_x = jax.vmap(lambda d: clipjax.rescale(x[0, 0], d, 0.5))(d[:, 0])
+  np.testing.assert_allclose(shared_x, [oracle.rescale(x[0, 0], dd, 0.5, 2) for dd in d[:, 0]], rtol=1e-10)
+  many_eps = jax.vmap(lambda e: clipjax.rescale(x[0, 0], d[0, 0], e))(eps[0])
+  np.testing.assert_allclose(many_eps, [oracle.rescale(x[0, 0], d[0, 0], e, 2) for e in eps[0]], rtol=1e-10)
+  row_upper = np.ones((4, 1))  # (1,) per example, broadcast against (10,)
+  low_rank = jax.vmap(lambda x, d, hi: clipjax.rescale(x, d, 0.5, upper=hi))(x[:, 0], d[:, 0], row_upper)
+  np.testing.assert_allclose(low_rank, [oracle.rescale(a, b, 0.5, 2) for a, b in zip(x[:, 0], d[:, 0])], rtol=1e-10)
+
+
+def test_lockstep_batched_solver_matches_row_by_row(monkeypatch):
+  """Both batching strategies of the custom_vmap rule give the same numbers."""
+  rng = np.random.default_rng(8)
+  cases = [random_case(rng, 80, heavy=bool(i % 2)) for i in range(5)]
+  x, d = np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
+  eps = np.linspace(0.1, 3.0, 5)
+  for p in [1.0, 2.0, 3.0]:
+    f = lambda x, d, e: clipjax.rescale(x, d, e, p=p)
+    row = jax.vmap(f)(x, d, eps)
+    monkeypatch.setattr(rescale_module, "_row_by_row", lambda tree: False)
+    lockstep = jax.vmap(f)(x, d, eps)
+    monkeypatch.undo()
+    np.testing.assert_allclose(row, lockstep, rtol=1e-12)
+    np.testing.assert_allclose(row, [oracle.rescale(a, b, e, p) for a, b, e in zip(x, d, eps)], rtol=1e-10)
+
+
+def test_traced_eps_under_jit():
+  x, d = np.full(6, 0.5), np.linspace(-1, 1, 6)
+  f = jax.jit(lambda e: clipjax.rescale(x, d, e))
+  for e in [0.0, 0.2, 0.7, 5.0]:
+    np.testing.assert_allclose(float(f(e)), oracle.rescale(x, d, e, 2), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------
+
+
+def finite_difference(f, v, h=1e-6):
+  v = np.asarray(v, np.float64)
+  out = np.zeros(v.shape)
+  for i in np.ndindex(v.shape):
+    e = np.zeros(v.shape)
+    e[i] = h
+    out[i] = (f(v + e) - f(v - e)) / (2 * h)
+  return out
+
+
+def gradient_case(seed, n=12):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.05, 0.95, n)  # strictly inside, so small moves keep it in the box
+  d = rng.standard_normal(n)
+  return x, d
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, 7.0, math.inf])
+@pytest.mark.parametrize("method", ["newton", "sort"])
+@pytest.mark.parametrize("fraction", [0.3, 0.8, 1.5])
+def test_gradients_match_finite_differences(p, method, fraction):
+  x, d = gradient_case(int(p * 10) + int(fraction * 10))
+  eps = fraction * oracle.max_norm(x, d, p)
+  lo = np.full_like(x, -0.1)
+  f = lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo, method=method)
+  grads = jax.grad(f, argnums=(0, 1, 2, 3))(x, d, eps, lo)
+  numeric = [
+      finite_difference(lambda v: oracle.rescale(v, d, eps, p, lo, 1.0), x),
+      finite_difference(lambda v: oracle.rescale(x, v, eps, p, lo, 1.0), d),
+      finite_difference(lambda v: oracle.rescale(x, d, float(v), p, lo, 1.0), eps),
+      finite_difference(lambda v: oracle.rescale(x, d, eps, p, v, 1.0), lo),
+  ]
+  for g, want in zip(grads, numeric):
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_jacfwd_equals_jacrev_and_vmap_of_grad(p):
+  rng = np.random.default_rng(11)
+  x = rng.uniform(0.05, 0.95, (3, 10))
+  d = rng.standard_normal((3, 10))
+  eps = np.array([0.3, 0.6, 0.9])
+  f = lambda x, d, e: clipjax.rescale(x, d, e, p=p)
+  per_example = jax.vmap(jax.grad(f, argnums=(0, 1, 2)))(x, d, eps)
+  for i in range(3):
+    fwd = jax.jacfwd(f, argnums=(0, 1, 2))(x[i], d[i], eps[i])
+    rev = jax.jacrev(f, argnums=(0, 1, 2))(x[i], d[i], eps[i])
+    for a, b, c in zip(fwd, rev, per_example):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+      np.testing.assert_allclose(a, c[i], rtol=1e-10, atol=1e-14)
+    fd = finite_difference(lambda v: oracle.rescale(x[i], v, eps[i], p), d[i])
+    np.testing.assert_allclose(rev[1], fd, rtol=1e-5, atol=1e-7)
+
+
+def test_reverse_mode_has_no_loop():
+  """Reverse mode differentiates the closed form, never the while_loop."""
+  f = lambda d: clipjax.rescale(jnp.full(5, 0.5), d, 0.4)
+  _, vjp = jax.vjp(f, jnp.linspace(-1.0, 1.0, 5))
+  backward = str(jax.make_jaxpr(vjp)(1.0))
+  assert "while" not in backward
+
+
+def test_pytree_gradients():
+  rng = np.random.default_rng(12)
+  x = {"w": rng.uniform(0.1, 0.9, (2, 3)), "b": rng.uniform(0.1, 0.9, 4)}
+  d = jax.tree.map(lambda v: rng.standard_normal(v.shape), x)
+  g = jax.grad(lambda d: clipjax.rescale(x, d, 0.8))(d)
+  flat_x, flat_d = oracle.flat(jax.tree.leaves(x)), oracle.flat(jax.tree.leaves(d))
+  fd = finite_difference(lambda v: oracle.rescale(flat_x, v, 0.8, 2), flat_d)
+  np.testing.assert_allclose(oracle.flat(jax.tree.leaves(g)), fd, rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------
+# max_norm
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+def test_max_norm(p):
+  rng = np.random.default_rng(13)
+  x, d, lower, upper = random_case(rng, 100, array_bounds=True)
+  got = float(clipjax.max_norm(x, d, p=p, lower=lower, upper=upper))
+  np.testing.assert_allclose(got, oracle.max_norm(x, d, p, lower, upper), rtol=1e-12)
+  # float32 with large p and wide bounds: the powers would overflow unscaled.
+  x32 = np.full(50, 1e6, np.float32)
+  d32 = np.ones(50, np.float32)
+  got32 = float(clipjax.max_norm(x32, d32, p=p, lower=0.0, upper=1e7))
+  np.testing.assert_allclose(got32, oracle.max_norm(x32, d32, p, 0.0, 1e7), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+
+GOOD = dict(x=np.array([0.2, 0.5]), delta=np.array([1.0, -1.0]), eps=0.3)
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(x=np.array([1.2, 0.5])), "x"),
+        (dict(x=np.array([-0.1, 0.5])), "x"),
+        (dict(eps=-0.1), "eps"),
+        (dict(eps=np.nan), "eps"),
+        (dict(eps=np.inf), "eps"),
+        (dict(x=np.array([np.nan, 0.5])), "x"),
+        (dict(delta=np.array([np.inf, 0.0])), "delta"),
+        (dict(delta=np.array([1.0, 2.0, 3.0])), "delta"),
+        (dict(delta={"a": np.array([1.0, 2.0])}), "delta"),
+        (dict(lower=1.0, upper=0.0), "lower"),
+        (dict(lower=np.array([0.0, 0.0, 0.0])), "lower"),
+        (dict(upper=np.nan), "upper"),
+        (dict(p=0.5), "p"),
+        (dict(p="two"), "p"),
+        (dict(method="magic"), "method"),
+        (dict(eps=np.array([0.1, 0.2])), "eps"),
+    ],
+)
+def test_bad_input_raises_naming_argument(change, name):
+  kwargs = {**GOOD, **change}
+  x, delta, eps = kwargs.pop("x"), kwargs.pop("delta"), kwargs.pop("eps")
+  with pytest.raises(ValueError, match=name):
+    clipjax.rescale(x, delta, eps, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x, delta, eps, lower",
+    [
+        ([1.2, 0.5], [1.0, -1.0], 0.3, 0.0),
+        ([0.2, 0.5], [1.0, -1.0], -0.3, 0.0),
+        ([np.nan, 0.5], [1.0, -1.0], 0.3, 0.0),
+        ([0.2, 0.5], [np.inf, -1.0], 0.3, 0.0),
+        ([0.2, 0.5], [1.0, -1.0], np.nan, 0.0),
+        ([0.2, 0.5], [1.0, -1.0], 0.3, 0.9),
+    ],
+)
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_bad_input_under_jit_is_nan(x, delta, eps, lower, p):
+  f = jax.jit(lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo))
+  assert np.isnan(float(f(np.array(x), np.array(delta), eps, lower)))
+  g = jax.jit(lambda x, d, lo: clipjax.max_norm(x, d, p=p, lower=lo))
+  if not np.isnan(eps) and eps >= 0:
+    assert np.isnan(float(g(np.array(x), np.array(delta), lower)))
