@@ -383,7 +383,10 @@ def _eta_sort(box, eps, sc, p, nb):
   saturated_b = jnp.cumsum(b, axis=-1)
   e = eps[..., None]
   free = jnp.where(total_after > 0, _pow(r * top_after / e, p) * total_after, 0)
-  k = jnp.argmax(saturated_b + free >= 1, axis=-1)  # first breakpoint at or past the solution
+  # The first breakpoint at or past the solution; the last one if rounding in the
+  # cumulative sums leaves eps (at the maximum) just out of reach.
+  reached = (saturated_b + free >= 1).at[..., -1].set(True)
+  k = jnp.argmax(reached, axis=-1)
   take = lambda v, i: jnp.take_along_axis(v, i[..., None], axis=-1)[..., 0]
   before = jnp.where(k > 0, take(saturated_b, jnp.maximum(k - 1, 0)), 0)
   m = take(top, k)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import clipjax
 import oracle
@@ -17,6 +17,9 @@ rescale_module = importlib.import_module("clipjax.rescale")
 
 P_VALUES = [1.0, 1.5, 2.0, 3.0, 7.0, math.inf]
 METHODS = ["newton", "sort", "bisect", "auto"]
+SOLVER_CASES = [
+    (2.0, "newton"), (2.0, "sort"), (2.0, "bisect"), (1.0, "newton"), (7.0, "sort"), (math.inf, "newton")
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,51 +50,58 @@ def random_case(rng, n, *, heavy=False, array_bounds=False, dtype=np.float64):
 # ---------------------------------------------------------------------------
 
 
+@settings(max_examples=30)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    n=st.sampled_from([1, 5, 64]),
     p=st.sampled_from(P_VALUES),
-    method=st.sampled_from(METHODS),
     fraction=st.sampled_from([0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0, 1.3]),
     heavy=st.booleans(),
     array_bounds=st.booleans(),
 )
-def test_matches_oracle_float64(seed, n, p, method, fraction, heavy, array_bounds):
+def test_matches_oracle_float64(seed, p, fraction, heavy, array_bounds):
   rng = np.random.default_rng(seed)
+  n = int(rng.choice([1, 5, 64]))
   x, d, lower, upper = random_case(rng, n, heavy=heavy, array_bounds=array_bounds)
+  # Scalar bounds go in as arrays too, so that one compilation serves every case.
+  lower, upper = (np.broadcast_to(b, x.shape) + 0.0 for b in (lower, upper))
   eps = fraction * oracle.max_norm(x, d, p, lower, upper)
-  eta = jitted(p, method)(x, d, eps, lower=lower, upper=upper)
-  assert eta.dtype == jnp.float64
   want = oracle.rescale(x, d, eps, p, lower, upper)
-  np.testing.assert_allclose(float(eta), want, rtol=1e-9, atol=1e-300)
-  reached = oracle.norm_after_clip(x, d, float(eta), p, lower, upper)
-  np.testing.assert_allclose(reached, min(eps, oracle.max_norm(x, d, p, lower, upper)), rtol=1e-9)
+  top = oracle.max_norm(x, d, p, lower, upper)
+  for method in METHODS:
+    eta = jitted(p, method)(pad(x), pad(d), eps, lower=pad(lower), upper=pad(upper, 1.0))
+    assert eta.dtype == jnp.float64
+    np.testing.assert_allclose(float(eta), want, rtol=1e-9, atol=1e-300, err_msg=method)
+    reached = oracle.norm_after_clip(x, d, float(eta), p, lower, upper)
+    np.testing.assert_allclose(reached, min(eps, top), rtol=1e-9, err_msg=method)
 
 
+def pad(v, fill=0.0, size=64):
+  """Pads to one shape with coordinates that cannot move (delta = 0, x on the bound)."""
+  return np.concatenate([v, np.full(size - len(v), fill)])
+
+
+@settings(max_examples=30)
 @given(
     seed=st.integers(0, 2**31 - 1),
     p=st.sampled_from(P_VALUES),
-    method=st.sampled_from(METHODS),
     fraction=st.sampled_from([0.01, 0.3, 0.7, 0.95, 1.2]),
     heavy=st.booleans(),
 )
-def test_matches_oracle_float32(seed, p, method, fraction, heavy):
+def test_matches_oracle_float32(seed, p, fraction, heavy):
   rng = np.random.default_rng(seed)
   x, d, lower, upper = random_case(rng, 300, heavy=heavy, dtype=np.float32)
   eps = np.float32(fraction * oracle.max_norm(x, d, p))
-  eta = jitted(p, method)(x, d, eps)
-  assert eta.dtype == jnp.float32
   # The oracle solves the problem exactly as it was rounded to float32. Summing a few
   # hundred float32 terms costs ~1e-6 of the norm (backward error); eta inherits it
   # amplified by the problem's condition number, so the bound scales with it.
   want = oracle.rescale(x, d, float(eps), p)
-  reached = oracle.norm_after_clip(x, d, float(eta), p)
-  np.testing.assert_allclose(reached, min(float(eps), oracle.max_norm(x, d, p)), rtol=1e-5)
-  if p != math.inf:
-    cond = oracle.condition(x, d, want, p)
-    np.testing.assert_allclose(float(eta), want, rtol=1e-5 * max(1.0, cond))
-  else:
-    np.testing.assert_allclose(float(eta), want, rtol=1e-6)
+  cond = 1.0 if p == math.inf else max(1.0, oracle.condition(x, d, want, p))
+  for method in METHODS:
+    eta = jitted(p, method)(x, d, eps)
+    assert eta.dtype == jnp.float32
+    reached = oracle.norm_after_clip(x, d, float(eta), p)
+    np.testing.assert_allclose(reached, min(float(eps), oracle.max_norm(x, d, p)), rtol=1e-5, err_msg=method)
+    np.testing.assert_allclose(float(eta), want, rtol=(1e-6 if p == math.inf else 1e-5 * cond), err_msg=method)
 
 
 @pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
@@ -195,8 +205,7 @@ def test_newton_fallback_is_exact(monkeypatch):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
-@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+@pytest.mark.parametrize("p, method", SOLVER_CASES)
 def test_pytree_equals_flat_vector(p, method):
   rng = np.random.default_rng(4)
   x = {"a": rng.uniform(0, 1, (3, 4)), "b": [rng.uniform(-1, 1, 5), rng.uniform(0, 2, ())]}
@@ -219,8 +228,7 @@ def test_pytree_equals_flat_vector(p, method):
   )
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, 7.0, math.inf])
-@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+@pytest.mark.parametrize("p, method", SOLVER_CASES)
 def test_vmap_matches_loop(p, method):
   rng = np.random.default_rng(5)
   cases = [random_case(rng, 50, heavy=bool(i % 2), array_bounds=True) for i in range(6)]
@@ -302,11 +310,10 @@ def gradient_case(seed, n=12):
   return x, d
 
 
-@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, 7.0, math.inf])
-@pytest.mark.parametrize("method", ["newton", "sort"])
-@pytest.mark.parametrize("fraction", [0.3, 0.8, 1.5])
+@pytest.mark.parametrize("p, method", [(p, "newton") for p in P_VALUES] + [(2.0, "sort"), (3.0, "bisect")])
+@pytest.mark.parametrize("fraction", [0.5, 1.5])
 def test_gradients_match_finite_differences(p, method, fraction):
-  x, d = gradient_case(int(p * 10) + int(fraction * 10))
+  x, d = gradient_case(10 * P_VALUES.index(p) + int(fraction * 10))
   eps = fraction * oracle.max_norm(x, d, p)
   lo = np.full_like(x, -0.1)
   f = lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo, method=method)
@@ -321,7 +328,7 @@ def test_gradients_match_finite_differences(p, method, fraction):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+@pytest.mark.parametrize("p", [1.5, math.inf])
 def test_jacfwd_equals_jacrev_and_vmap_of_grad(p):
   rng = np.random.default_rng(11)
   x = rng.uniform(0.05, 0.95, (3, 10))
