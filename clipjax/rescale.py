@@ -214,31 +214,26 @@ class _Scale(NamedTuple):
   """Per-row facts from the first pass over the data."""
 
   m: jax.Array  # max |delta|
-  r_max: jax.Array  # the eta at which every moving coordinate is saturated
   beyond: jax.Array  # eps >= the largest reachable norm
   valid: jax.Array  # x and delta are finite and x lies inside the box
 
 
 def _first_pass(box: _Box, eps, p, nb) -> _Scale:
-  m = r_max = total = 0.0
+  m = total = 0.0
   valid = True
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
-    moving = ad > 0
-    e = _bcast(eps, s.ndim, nb)
     leaf = _fused(
         (
             ad,
-            jnp.where(moving, s / jnp.where(moving, ad, 1), 0),
-            jnp.where(moving, _pow(s / e, p), 0) if p != math.inf else jnp.zeros_like(s),
+            jnp.where(ad > 0, _pow(s / _bcast(eps, s.ndim, nb), p), 0),
             jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi),
         ),
-        (0, 0, 0, True),
-        (jnp.maximum, jnp.maximum, jnp.add, jnp.logical_and),
+        (0, 0, True),
+        (jnp.maximum, jnp.add, jnp.logical_and),
         nb,
     )
-    m, r_max = jnp.maximum(m, leaf[0]), jnp.maximum(r_max, leaf[1])
-    total, valid = total + leaf[2], valid & leaf[3]
-  return _Scale(m, r_max, total <= 1, valid)
+    m, total, valid = jnp.maximum(m, leaf[0]), total + leaf[1], valid & leaf[2]
+  return _Scale(m, total <= 1, valid)
 
 
 def _terms(s, ad, eta, eps, m, p, nb):
@@ -252,17 +247,22 @@ def _terms(s, ad, eta, eps, m, p, nb):
 
 
 def _stats(box: _Box, eta, eps, m, p, nb):
-  """One pass: ``Σ_S b_i``, ``Σ_{not S} a_i`` and ``max_{not S} |delta_i|``.
+  """One pass: ``Σ_S b_i``, ``Σ_{not S} a_i``, ``max_{not S} |delta_i|`` and the
+  next breakpoint ``min_{not S} s_i/|delta_i|``.
 
   ``S = {i : s_i <= eta·|delta_i|}``, and ``a_i = (|delta_i| / m)^p``.
   """
   sb = sa = m_free = 0.0
+  r_next = jnp.inf
   for s, ad in _leaves(box):
-    b, a, free = _fused(
-        _terms(s, ad, eta, eps, m, p, nb), (0, 0, 0), (jnp.add, jnp.add, jnp.maximum), nb
+    b, a, free = _terms(s, ad, eta, eps, m, p, nb)
+    r = jnp.where(free > 0, s / jnp.where(free > 0, free, 1), jnp.inf)
+    b, a, free, r = _fused(
+        (b, a, free, r), (0, 0, 0, jnp.inf), (jnp.add, jnp.add, jnp.maximum, jnp.minimum), nb
     )
-    sb, sa, m_free = sb + b, sa + a, jnp.maximum(m_free, free)
-  return sb, sa, m_free
+    sb, sa = sb + b, sa + a
+    m_free, r_next = jnp.maximum(m_free, free), jnp.minimum(r_next, r)
+  return sb, sa, m_free, r_next
 
 
 def _piece_root(sb, sa, eps, m, p):
@@ -285,8 +285,8 @@ def _eta_newton(box, eps, sc, p, nb):
 
   ``F(v)`` is concave and piecewise linear, so each step lands on the root of the
   current piece's extension, at or left of the solution; the iterates rise
-  monotonically. A step that does not rise means the saturated set at ``eta``
-  gives back ``eta`` itself: ``eta`` solves its own piece, exactly. The free
+  monotonically. A step that stays short of the next breakpoint keeps the
+  saturated set, so it solves its own piece, exactly, and the loop ends. The free
   sum is scaled by the largest free ``|delta_i|`` of the previous pass (an upper
   bound, since the free set only shrinks); when that scale has become too coarse
   (heavy tails, large p), the pass only refreshes it.
@@ -298,13 +298,14 @@ def _eta_newton(box, eps, sc, p, nb):
 
   def body(carry):
     k, eta, _, m = carry
-    sb, sa, m_free = _stats(box, eta, eps, m, p, nb)
+    sb, sa, m_free, r_next = _stats(box, eta, eps, m, p, nb)
     trusted = (m_free == 0) | (_pow(m_free / m, p) >= _TINY)
     step = jnp.maximum(_piece_root(sb, sa, eps, m, p), eta)
+    done = trusted & (step <= r_next)
     return (
         k + 1,
         jnp.where(trusted, step, eta),
-        jnp.where(trusted, eta, -1),
+        jnp.where(done, step, jnp.where(trusted, eta, -1)),
         jnp.where(m_free > 0, m_free, m),
     )
 
@@ -346,12 +347,12 @@ def _eta_bisect(box, eps, sc, p, nb, lo=None):
     go_right = below(as_float(mid))
     return jnp.where(go_right, mid, lo_i), jnp.where(go_right, hi_i, mid)
 
-  hi = jnp.maximum(sc.r_max, lo)
+  hi = jnp.maximum(_r_max(box, nb), lo)
   lo_i, _ = lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), body, (as_int(lo), as_int(hi)))
   lo = as_float(lo_i)
-  _, _, m_free = _stats(box, lo, eps, sc.m, p, nb)
+  m_free = _stats(box, lo, eps, sc.m, p, nb)[2]
   m_free = jnp.where(m_free > 0, m_free, 1)
-  sb, sa, _ = _stats(box, lo, eps, m_free, p, nb)
+  sb, sa, _, _ = _stats(box, lo, eps, m_free, p, nb)
   return _piece_root(sb, sa, eps, m_free, p)
 
 
@@ -412,8 +413,13 @@ def _eta_finite(box: _Box, eps, p, method, nb):
   safe_eps = jnp.where(eps > 0, eps, 1)
   sc = _first_pass(box, safe_eps, p, nb)
   safe = sc._replace(m=jnp.where(sc.m > 0, sc.m, 1))
-  eta = jnp.clip(_SOLVERS[method](box, safe_eps, safe, p, nb), 0, sc.r_max)
-  eta = jnp.where(sc.beyond, sc.r_max, eta)
+  eta = jnp.maximum(_SOLVERS[method](box, safe_eps, safe, p, nb), 0)
+  # At or past the largest norm (the solvers answer inf where nothing is left free),
+  # eta is the last breakpoint; that costs one more pass, so only when needed.
+  last = sc.beyond | ~jnp.isfinite(eta)
+  eta = jnp.where(
+      last, lax.cond(jnp.any(last), lambda: _r_max(box, nb), lambda: jnp.zeros_like(eta)), eta
+  )
   eta = jnp.where((eps > 0) & (sc.m > 0), eta, 0)
   valid = sc.valid & jnp.isfinite(eps) & (eps >= 0)
   return jnp.where(valid, eta, jnp.nan), sc.beyond
