@@ -457,13 +457,20 @@ def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond):
 
 @functools.lru_cache(maxsize=None)
 def _batched_solver(p: float, method: str):
-  """The solve as a ``custom_vmap`` function: under ``vmap`` it runs one batched
-  solve whose loops stop when every row has converged, instead of JAX's default
-  batching of a ``while_loop`` (a masked loop that also re-selects every carry)."""
+  """The solve as a ``custom_vmap`` function, so that ``vmap`` picks its batching.
+
+  Row by row where that is faster (see ``_row_by_row``), else one lockstep solve
+  whose loops run until every row has converged. Returns (eta, beyond).
+  """
+
+  def one(box, eps):
+    if p == math.inf:
+      return _eta_inf(box, eps), jnp.zeros((), bool)
+    return _eta_finite(box, eps, p, method, 0)
 
   @jax.custom_batching.custom_vmap
   def solve(box, eps):
-    return _eta_finite(box, eps, p, method, 0)
+    return one(box, eps)
 
   @solve.def_vmap
   def rule(axis_size, in_batched, box, eps):
@@ -471,12 +478,16 @@ def _batched_solver(p: float, method: str):
       leaves, treedef = jax.tree.flatten((box, eps))
       flags = jax.tree.leaves(in_batched)
 
-      def one(row):
+      def row_solve(row):
         row = iter(row)
         values = [next(row) if b else v for v, b in zip(leaves, flags)]
-        return _eta_finite(*jax.tree.unflatten(treedef, values), p, method, 0)
+        return one(*jax.tree.unflatten(treedef, values))
 
-      return lax.map(one, [v for v, b in zip(leaves, flags) if b]), (True, True)
+      return lax.map(row_solve, [v for v, b in zip(leaves, flags) if b]), (True, True)
+
+    if p == math.inf:  # no loop to batch: JAX's own batching is the lockstep solve
+      axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
+      return jax.vmap(one, in_axes=axes)(box, eps), (True, True)
 
     box_b, eps_b = in_batched
     ndims = [x.ndim - b for x, b in zip(box.xs, box_b.xs)]
@@ -530,7 +541,10 @@ def _eta(box, eps, p, method):
 def _eta_jvp(p, method, primals, tangents):
   box, eps = primals
   eta, beyond = _batched_solver(p, method)(box, eps)
-  f = lambda box, eps: _eta_closed_form(box, eps, p, 0, eta, beyond)
+  if p == math.inf:  # already a closed form, with no loop in it
+    f = _eta_inf
+  else:
+    f = lambda box, eps: _eta_closed_form(box, eps, p, 0, eta, beyond)
   _, t = jax.jvp(f, primals, tangents)
   return eta, t
 
@@ -559,7 +573,8 @@ def _rescale(x, delta, eps, p, lower, upper, method):
   eps = jnp.asarray(eps, compute)
   if eps.ndim:
     raise ValueError(f"eps must be a scalar, got shape {eps.shape}; use jax.vmap for a batch.")
-  eta = _eta_inf(box, eps) if p == math.inf else _eta(box, eps, p, method)
+  method = "newton" if p == math.inf else method  # one closed form serves every method
+  eta = _eta(box, eps, p, method)
   return eta, box, treedef, out
 
 

@@ -271,7 +271,7 @@ def test_lockstep_batched_solver_matches_row_by_row(monkeypatch):
   cases = [random_case(rng, 80, heavy=bool(i % 2)) for i in range(5)]
   x, d = np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
   eps = np.linspace(0.1, 3.0, 5)
-  for p in [1.0, 2.0, 3.0]:
+  for p in [1.0, 2.0, 3.0, math.inf]:
     f = lambda x, d, e: clipjax.rescale(x, d, e, p=p)
     row = jax.vmap(f)(x, d, eps)
     monkeypatch.setattr(rescale_module, "_row_by_row", lambda tree: False)

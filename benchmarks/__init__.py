@@ -1,0 +1,1 @@
+"""Benchmarks for clipjax: run ``python -m benchmarks [--quick]``."""
