@@ -196,15 +196,22 @@ def _leaves(box: _Box):
     yield _room(x, d, lo, hi), jnp.abs(d)
 
 
+_SEPARATE = {jnp.add: jnp.sum, jnp.maximum: jnp.max, jnp.logical_and: jnp.all}
+
+
 def _fused(operands, inits, ops, nb):
   """Several row reductions as one variadic ``reduce``: a single pass over the data.
 
   Separate ``jnp.sum`` calls become separate loops over the data on XLA:CPU; this
-  keeps every solver step at the cost of one streaming pass. Not differentiable,
-  so only the solvers use it.
+  keeps every solver step at the cost of one streaming pass. With several devices
+  the reductions stay separate: the partitioner turns each into a local reduction
+  and an all-reduce, where a variadic one would all-gather the partial results.
+  Not differentiable, so only the solvers use it.
   """
   dims = tuple(range(nb, operands[0].ndim))
   operands = [jnp.broadcast_to(v, operands[0].shape) for v in operands]
+  if jax.device_count() > 1:
+    return tuple(_SEPARATE[op](v, axis=dims) for op, v in zip(ops, operands))
   inits = [jnp.asarray(i, v.dtype) for i, v in zip(inits, operands)]
   combine = lambda a, b: tuple(op(u, w) for op, u, w in zip(ops, a, b))
   return lax.reduce(tuple(operands), tuple(inits), combine, dims)
@@ -474,7 +481,7 @@ def _batched_solver(p: float, method: str):
 
   @solve.def_vmap
   def rule(axis_size, in_batched, box, eps):
-    if _row_by_row((box, eps)):
+    if _row_by_row():
       leaves, treedef = jax.tree.flatten((box, eps))
       flags = jax.tree.leaves(in_batched)
 
@@ -514,22 +521,17 @@ def _batched_solver(p: float, method: str):
   return solve
 
 
-def _row_by_row(tree) -> bool:
+def _row_by_row() -> bool:
   """Whether a batched solve should run one row at a time.
 
   On CPU a row (up to a few MB) stays in cache through all of its passes, while a
   lockstep pass over the whole batch streams it from memory every time and runs
   until the slowest row is done: row by row is faster there (benchmarks/). On
-  accelerators, and whenever the batch may be sharded over a mesh, the lockstep
-  solve keeps every reduction row-local, so the partitioner never gathers rows.
+  accelerators, and whenever there is more than one device (the batch may be
+  sharded, and a loop over its rows would gather them), the lockstep solve keeps
+  every reduction row-local, so the partitioner never gathers rows.
   """
-  if jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
-    return False
-  for v in jax.tree.leaves(tree):
-    spec = getattr(getattr(jax.typeof(v), "sharding", None), "spec", None)
-    if spec and any(s is not None for s in spec):
-      return False
-  return True
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
