@@ -155,7 +155,7 @@ def _lockstep(p, x, d, eps):
   """The vmapped default with the batched solve forced to lockstep (traced and
   compiled while ``_row_by_row`` is patched, so the executable keeps that choice)."""
   original = _rescale_module._row_by_row
-  _rescale_module._row_by_row = lambda: False
+  _rescale_module._row_by_row = lambda tree: False
   try:
     fn = jax.vmap(lambda *a: clipjax.rescale(*a, p=p))
     lockstep_hlo = jax.jit(fn).lower(x, d, eps).as_text()

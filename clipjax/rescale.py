@@ -481,7 +481,7 @@ def _batched_solver(p: float, method: str):
 
   @solve.def_vmap
   def rule(axis_size, in_batched, box, eps):
-    if _row_by_row():
+    if _row_by_row((box, eps)):
       leaves, treedef = jax.tree.flatten((box, eps))
       flags = jax.tree.leaves(in_batched)
 
@@ -521,7 +521,7 @@ def _batched_solver(p: float, method: str):
   return solve
 
 
-def _row_by_row() -> bool:
+def _row_by_row(tree) -> bool:
   """Whether a batched solve should run one row at a time.
 
   On CPU a row (up to a few MB) stays in cache through all of its passes, while a
@@ -531,7 +531,11 @@ def _row_by_row() -> bool:
   sharded, and a loop over its rows would gather them), the lockstep solve keeps
   every reduction row-local, so the partitioner never gathers rows.
   """
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    return False
+  # Arrays typed with explicit-axis shardings (even on one device) cannot be scanned.
+  specs = [getattr(getattr(jax.typeof(v), "sharding", None), "spec", ()) for v in jax.tree.leaves(tree)]
+  return not any(axis is not None for spec in specs for axis in spec)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))

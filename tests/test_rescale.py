@@ -274,7 +274,7 @@ def test_lockstep_batched_solver_matches_row_by_row(monkeypatch):
   for p in [1.0, 2.0, 3.0, math.inf]:
     f = lambda x, d, e: clipjax.rescale(x, d, e, p=p)
     row = jax.vmap(f)(x, d, eps)
-    monkeypatch.setattr(rescale_module, "_row_by_row", lambda: False)
+    monkeypatch.setattr(rescale_module, "_row_by_row", lambda tree: False)
     lockstep = jax.vmap(f)(x, d, eps)
     monkeypatch.undo()
     np.testing.assert_allclose(row, lockstep, rtol=1e-12)
