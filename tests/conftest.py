@@ -12,5 +12,5 @@ from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
+settings.register_profile("default", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("default")

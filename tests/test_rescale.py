@@ -50,7 +50,7 @@ def random_case(rng, n, *, heavy=False, array_bounds=False, dtype=np.float64):
 # ---------------------------------------------------------------------------
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(
     seed=st.integers(0, 2**31 - 1),
     p=st.sampled_from(P_VALUES),
@@ -80,7 +80,7 @@ def pad(v, fill=0.0, size=64):
   return np.concatenate([v, np.full(size - len(v), fill)])
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(
     seed=st.integers(0, 2**31 - 1),
     p=st.sampled_from(P_VALUES),
