@@ -193,7 +193,8 @@ def _sum_sharding(leaf):
   sharding = jax.typeof(leaf).sharding
   if jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
     return None
-  return jax.sharding.PartitionSpec(*sharding.spec[1:])
+  # A NamedSharding, not a bare spec: it also works without ``jax.set_mesh``.
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
 
 
 def _weighted_sum(grads, weights, finite):
