@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax.rescale import rescale
+from clipjax.rescale import _bound_leaves, rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
 # back to bisection; image-like data needs 2 to 12 (more for larger inputs).
@@ -70,28 +70,6 @@ def _canonical_p(p: Any) -> float:
   raise ValueError(f"p must be 1, 2 or inf (a static value), got {p!r}.")
 
 
-def _bound_leaves(bound: Any, treedef: Any, shapes: list[tuple], name: str) -> list:
-  """One bound per leaf: a single scalar/array for all of them, or a pytree like ``y``."""
-  structure = jax.tree.structure(bound)
-  if structure == treedef:
-    leaves = jax.tree.leaves(bound)
-  elif jax.tree_util.treedef_is_leaf(structure) and structure.num_leaves == 1:
-    leaves = jax.tree.leaves(bound) * len(shapes)
-  else:
-    raise ValueError(
-        f"{name} must be a scalar, an array broadcastable to y, or a pytree with the "
-        f"structure of y; got structure {structure} for y's {treedef}."
-    )
-  for leaf, shape in zip(leaves, shapes):
-    try:
-      ok = np.broadcast_shapes(np.shape(leaf), shape) == tuple(shape)
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(f"{name} of shape {np.shape(leaf)} does not broadcast to y's leaf shape {shape}.")
-  return leaves
-
-
 def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
   """Flattens and checks structures. Returns (problem, treedef, compute dtype)."""
   y_leaves, treedef = jax.tree.flatten(y)
@@ -104,8 +82,8 @@ def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
   for shape, c in zip(shapes, c_leaves):
     if np.shape(c) != shape:
       raise ValueError(f"center's leaf shape {np.shape(c)} differs from y's {shape}.")
-  lo_leaves = _bound_leaves(lower, treedef, shapes, "lower")
-  hi_leaves = _bound_leaves(upper, treedef, shapes, "upper")
+  lo_leaves = _bound_leaves(lower, treedef, shapes, "lower", "y")
+  hi_leaves = _bound_leaves(upper, treedef, shapes, "upper", "y")
   dtype = jnp.result_type(*y_leaves, *c_leaves)
   if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.result_type(float)

@@ -85,8 +85,8 @@ def _compute_dtype(leaves: list[Any]) -> tuple[Any, Any]:
   return compute, out
 
 
-def _bound_leaves(bound: Any, treedef: Any, shapes: list[tuple], name: str) -> list:
-  """Bounds are one scalar/array for every leaf, or a pytree shaped like ``x``."""
+def _bound_leaves(bound: Any, treedef: Any, shapes: list[tuple], name: str, ref: str = "x") -> list:
+  """One bound per leaf: a single scalar/array for all of them, or a pytree like ``ref``."""
   structure = jax.tree.structure(bound)
   if structure == treedef:
     leaves = jax.tree.leaves(bound)
@@ -94,17 +94,16 @@ def _bound_leaves(bound: Any, treedef: Any, shapes: list[tuple], name: str) -> l
     leaves = jax.tree.leaves(bound) * len(shapes)
   else:
     raise ValueError(
-        f"{name} must be a scalar, an array broadcastable to x, or a pytree with the "
-        "structure of x."
+        f"{name} must be a scalar, an array broadcastable to {ref}, or a pytree with the "
+        f"structure of {ref}; got structure {structure} for {ref}'s {treedef}."
     )
   for leaf, shape in zip(leaves, shapes):
-    leaf_shape = np.shape(leaf)
     try:
-      ok = np.broadcast_shapes(leaf_shape, shape) == tuple(shape)
+      ok = np.broadcast_shapes(np.shape(leaf), shape) == tuple(shape)
     except ValueError:
       ok = False
     if not ok:
-      raise ValueError(f"{name} of shape {leaf_shape} does not broadcast to x's leaf shape {shape}.")
+      raise ValueError(f"{name} of shape {np.shape(leaf)} does not broadcast to {ref}'s leaf shape {shape}.")
   return leaves
 
 
