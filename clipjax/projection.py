@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax.rescale import _bound_leaves, rescale
+from clipjax.rescale import _bound_leaves, _is_concrete, rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
 # back to bisection; image-like data needs 2 to 12 (more for larger inputs).
@@ -92,10 +92,6 @@ def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
   cast = lambda vs: [jnp.asarray(v, compute) for v in vs]
   problem = _Problem(cast(y_leaves), cast(c_leaves), cast(lo_leaves), cast(hi_leaves))
   return problem, treedef, compute
-
-
-def _is_concrete(tree: Any) -> bool:
-  return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(tree))
 
 
 def _check_values(problem: _Problem, eps: jax.Array) -> None:
