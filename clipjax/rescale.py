@@ -190,30 +190,40 @@ def _room(x, d, lo, hi):
   return jnp.where(d >= 0, hi - x, x - lo)
 
 
+def _outside(x, d, lo, hi):
+  """1 where ``x`` or ``delta`` is not finite or ``x`` lies outside the box, else 0."""
+  ok = jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi)
+  return jnp.where(ok, 0, 1).astype(x.dtype)
+
+
 def _leaves(box: _Box):
   for x, d, lo, hi in zip(*box):
     yield _room(x, d, lo, hi), jnp.abs(d)
 
 
-_SEPARATE = {jnp.add: jnp.sum, jnp.maximum: jnp.max, jnp.logical_and: jnp.all}
+def _reduce(op, operands, nb):
+  """Row reductions (``jnp.sum`` or ``jnp.max``) of several operands, in one loop.
 
-
-def _fused(operands, inits, ops, nb):
-  """Several row reductions as one variadic ``reduce``: a single pass over the data.
-
-  Separate ``jnp.sum`` calls become separate loops over the data on XLA:CPU; this
-  keeps every solver step at the cost of one streaming pass. With several devices
-  the reductions stay separate: the partitioner turns each into a local reduction
-  and an all-reduce, where a variadic one would all-gather the partial results.
-  Not differentiable, so only the solvers use it.
+  Sums are stacked along a new leading axis: XLA:CPU reduces the stack in one
+  vectorized loop, about twice as fast as sibling sums or a variadic
+  ``lax.reduce``. Sibling maxima are already fused into one loop, faster than a
+  stacked max (measured in ``benchmarks/``). With several devices nothing is
+  stacked: the partitioner turns each reduction into a local one and an all-reduce.
+  The values are non-negative, so the max of an empty row is 0.
   """
-  dims = tuple(range(nb, operands[0].ndim))
-  operands = [jnp.broadcast_to(v, operands[0].shape) for v in operands]
-  if jax.device_count() > 1:
-    return tuple(_SEPARATE[op](v, axis=dims) for op, v in zip(ops, operands))
-  inits = [jnp.asarray(i, v.dtype) for i, v in zip(inits, operands)]
-  combine = lambda a, b: tuple(op(u, w) for op, u, w in zip(ops, a, b))
-  return lax.reduce(tuple(operands), tuple(inits), combine, dims)
+  shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in operands))
+  operands = [jnp.broadcast_to(v, shape) for v in operands]
+  if op is jnp.max or jax.device_count() > 1:
+    kw = {"initial": 0.0} if op is jnp.max else {}
+    return tuple(op(v, axis=tuple(range(nb, len(shape))), **kw) for v in operands)
+  stacked = jnp.stack(operands)
+  return tuple(jnp.sum(stacked, axis=tuple(range(1 + nb, stacked.ndim))))
+
+
+# The free sum is trusted when it is at least this: its largest term is then at
+# least _TINY / n, so the terms lost to underflow (each < 2^-126) cost a relative
+# 2^-42 at most, for n up to 2^24, in float32 too.
+_TINY = 2.0**-60
 
 
 class _Scale(NamedTuple):
@@ -222,24 +232,30 @@ class _Scale(NamedTuple):
   m: jax.Array  # max |delta|
   beyond: jax.Array  # eps >= the largest reachable norm
   valid: jax.Array  # x and delta are finite and x lies inside the box
+  start: jax.Array  # the Newton step from eta = 0, or 0 where it needs a scale
 
 
 def _first_pass(box: _Box, eps, p, nb) -> _Scale:
-  m = total = 0.0
+  """One pass: the scale ``m``, validity, whether eps is reachable, and a first step.
+
+  At ``eta = 0`` only coordinates without room are saturated (they contribute
+  nothing), so the first Newton step is ``eps / (Σ_{s_i > 0} |delta_i|^p)^{1/p}``.
+  Its sum is taken unscaled, as ``m`` is not known yet; it is used only when it is
+  at least ``_TINY`` and finite, where the terms lost to underflow do not matter.
+  """
+  m = total = free = 0.0
   valid = True
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
-    leaf = _fused(
-        (
-            ad,
-            jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
-            jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi),
-        ),
-        (0, 0, True),
-        (jnp.maximum, jnp.add, jnp.logical_and),
+    top, bad = _reduce(jnp.max, (ad, _outside(x, d, lo, hi)), nb)
+    b, a = _reduce(
+        jnp.sum,
+        (jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0), jnp.where(s > 0, _pow(ad, p), 0)),
         nb,
     )
-    m, total, valid = jnp.maximum(m, leaf[0]), total + leaf[1], valid & leaf[2]
-  return _Scale(m, total <= 1, valid)
+    m, total, free, valid = jnp.maximum(m, top), total + b, free + a, valid & (bad == 0)
+  trusted = (free >= _TINY) & jnp.isfinite(free)
+  start = jnp.where(trusted, eps / _root(jnp.where(trusted, free, 1), p), 0)
+  return _Scale(m, total <= 1, valid, start)
 
 
 def _terms(s, ad, eta, eps, m, p, nb):
@@ -260,7 +276,7 @@ def _stats(box: _Box, eta, eps, m, p, nb):
   """
   sb = sa = 0.0
   for s, ad in _leaves(box):
-    b, a = _fused(_terms(s, ad, eta, eps, m, p, nb)[:2], (0, 0), (jnp.add, jnp.add), nb)
+    b, a = _reduce(jnp.sum, _terms(s, ad, eta, eps, m, p, nb)[:2], nb)
     sb, sa = sb + b, sa + a
   return sb, sa
 
@@ -270,7 +286,7 @@ def _free_max(box: _Box, eta, nb):
   top = 0.0
   for s, ad in _leaves(box):
     free = jnp.where(s <= _bcast(eta, s.ndim, nb) * ad, 0, ad)
-    top = jnp.maximum(top, _fused((free,), (0,), (jnp.maximum,), nb)[0])
+    top = jnp.maximum(top, _reduce(jnp.max, (free,), nb)[0])
   return top
 
 
@@ -282,12 +298,6 @@ def _piece_root(sb, sa, eps, m, p):
   """
   safe = jnp.where(sa > 0, sa, 1)
   return jnp.where(sa > 0, eps / m * _root(jnp.maximum(1 - sb, 0) / safe, p), jnp.inf)
-
-
-# The free sum is trusted when it is at least this: its largest term is then at
-# least _TINY / n, so the terms lost to underflow (each < 2^-126) cost a relative
-# 2^-42 at most, for n up to 2^24, in float32 too.
-_TINY = 2.0**-60
 
 
 def _eta_newton(box, eps, sc, p, nb):
@@ -320,7 +330,8 @@ def _eta_newton(box, eps, sc, p, nb):
         jnp.where(rescaled, m_free, m),
     )
 
-  init = (0, jnp.zeros_like(eps), jnp.full_like(eps, -1), sc.m)
+  # Rows past the largest norm start converged: their answer is the last breakpoint.
+  init = (0, sc.start, jnp.where(sc.beyond, sc.start, -1), sc.m)
   _, eta, prev, m = lax.while_loop(cond, body, init)
   stuck = eta > prev
   return lax.cond(
@@ -349,7 +360,7 @@ def _eta_bisect(box, eps, sc, p, nb, lo=None):
     total = 0.0
     for s, ad in _leaves(box):
       moved = jnp.minimum(_bcast(eta, s.ndim, nb) * ad, s) * _bcast(1 / eps, s.ndim, nb)
-      total = total + _fused((_pow(moved, p),), (0,), (jnp.add,), nb)[0]
+      total = total + _reduce(jnp.sum, (_pow(moved, p),), nb)[0]
     return total < 1
 
   def body(carry):
@@ -461,40 +472,34 @@ def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond):
   return jnp.where((eps > 0) & (lax.stop_gradient(eta_star) > 0), eta, 0)
 
 
+# On CPU, rows of at least _ROW_ELEMENTS elements are solved one at a time: a row
+# then stays in cache through all of its passes. Shorter rows are solved in
+# lockstep groups of up to _GROUP_ELEMENTS elements, which amortizes the loop's
+# per-pass overhead (benchmarks/).
+_ROW_ELEMENTS = 1 << 17
+_GROUP_ELEMENTS = 1 << 22
+
+
 @functools.lru_cache(maxsize=None)
 def _batched_solver(p: float, method: str):
   """The solve as a ``custom_vmap`` function, so that ``vmap`` picks its batching.
 
-  Row by row where that is faster (see ``_row_by_row``), else one lockstep solve
-  whose loops run until every row has converged. Returns (eta, beyond).
+  The batched solve runs its rows in lockstep: every pass covers all of them and the
+  loop runs until the slowest has converged. On CPU it runs on groups of rows in
+  turn (see ``_row_by_row``). Returns (eta, beyond).
   """
 
-  def one(box, eps):
+  def solve_rows(box, eps, nb):
     if p == math.inf:
-      return _eta_inf(box, eps), jnp.zeros((), bool)
-    return _eta_finite(box, eps, p, method, 0)
+      return _eta_inf(box, eps, nb), jnp.zeros(jnp.shape(eps), bool)
+    return _eta_finite(box, eps, p, method, nb)
 
   @jax.custom_batching.custom_vmap
   def solve(box, eps):
-    return one(box, eps)
+    return solve_rows(box, eps, 0)
 
   @solve.def_vmap
   def rule(axis_size, in_batched, box, eps):
-    if _row_by_row((box, eps)):
-      leaves, treedef = jax.tree.flatten((box, eps))
-      flags = jax.tree.leaves(in_batched)
-
-      def row_solve(row):
-        row = iter(row)
-        values = [next(row) if b else v for v, b in zip(leaves, flags)]
-        return one(*jax.tree.unflatten(treedef, values))
-
-      return lax.map(row_solve, [v for v, b in zip(leaves, flags) if b]), (True, True)
-
-    if p == math.inf:  # no loop to batch: JAX's own batching is the lockstep solve
-      axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
-      return jax.vmap(one, in_axes=axes)(box, eps), (True, True)
-
     box_b, eps_b = in_batched
     ndims = [x.ndim - b for x, b in zip(box.xs, box_b.xs)]
 
@@ -515,20 +520,51 @@ def _batched_solver(p: float, method: str):
         lift(box.his, box_b.his, True),
     )
     eps = eps if eps_b else jnp.broadcast_to(eps, (axis_size,))
-    return _eta_finite(box, eps, p, method, 1), (True, True)
+    flags = [True] * 2 * len(box.xs) + list(box_b.los) + list(box_b.his) + [True]
+    row = sum(math.prod(v.shape) for v in box.xs) // axis_size
+    rows = 1 if row >= _ROW_ELEMENTS else max(1, _GROUP_ELEMENTS // max(row, 1))
+    if _row_by_row((box, eps)) and rows < axis_size:
+      out = _in_groups(solve_rows, (box, eps), flags, rows)
+    else:
+      out = solve_rows(box, eps, 1)
+    return out, (True, True)
 
   return solve
 
 
-def _row_by_row(tree) -> bool:
-  """Whether a batched solve should run one row at a time.
+def _in_groups(fn, args, flags, rows):
+  """``fn(*args, nb)`` on ``rows`` rows at a time, in a loop (``lax.map``).
 
-  On CPU a row (up to a few MB) stays in cache through all of its passes, while a
-  lockstep pass over the whole batch streams it from memory every time and runs
-  until the slowest row is done: row by row is faster there (benchmarks/). On
-  accelerators, and whenever there is more than one device (the batch may be
-  sharded, and a loop over its rows would gather them), the lockstep solve keeps
-  every reduction row-local, so the partitioner never gathers rows.
+  ``flags`` has one entry per leaf of ``args``: whether it has the batch axis.
+  Single rows are passed without it (``nb = 0``), which XLA:CPU reduces faster.
+  """
+  leaves, treedef = jax.tree.flatten(args)
+  size = next(v.shape[0] for v, f in zip(leaves, flags) if f)
+
+  def call(part, nb):
+    part = iter(part)
+    return fn(*jax.tree.unflatten(treedef, [next(part) if f else v for v, f in zip(leaves, flags)]), nb)
+
+  full = size // rows * rows
+  group = (rows,) if rows > 1 else ()
+  grouped = [v[:full].reshape((size // rows, *group) + v.shape[1:]) for v, f in zip(leaves, flags) if f]
+  out = lax.map(lambda part: call(part, 1 if rows > 1 else 0), grouped)
+  out = jax.tree.map(lambda o: o.reshape((full,) + o.shape[1 + len(group):]), out)
+  if full == size:
+    return out
+  rest = call([v[full:] for v, f in zip(leaves, flags) if f], 1)
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+
+
+def _row_by_row(tree) -> bool:
+  """Whether a batched solve should run on groups of rows in turn.
+
+  On CPU a group of rows (up to a few MB) stays in cache through all of its
+  passes, while a lockstep pass over the whole batch streams it from memory
+  every time and runs until the slowest row is done: groups are faster there
+  (benchmarks/). On accelerators, and whenever there is more than one device (the
+  batch may be sharded, and a loop over its rows would gather them), one lockstep
+  solve keeps every reduction row-local, so the partitioner never gathers rows.
   """
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     return False
@@ -554,19 +590,18 @@ def _eta_jvp(p, method, primals, tangents):
   return eta, t
 
 
-def _eta_inf(box: _Box, eps):
+def _eta_inf(box: _Box, eps, nb=0):
   """p = inf: ``eta = e / max{|delta_i| : s_i >= e}`` with ``e = min(eps, max reachable)``."""
-  reach = 0.0
-  valid = jnp.isfinite(eps) & (eps >= 0)
+  reach = bad = 0.0
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
-    reach = jnp.maximum(reach, jnp.max(jnp.where(ad > 0, s, 0), initial=0.0))
-    valid = valid & jnp.all(jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi))
+    r, b = _reduce(jnp.max, (jnp.where(ad > 0, s, 0), _outside(x, d, lo, hi)), nb)
+    reach, bad = jnp.maximum(reach, r), jnp.maximum(bad, b)
   e = jnp.minimum(eps, reach)
   speed = 0.0
   for s, ad in _leaves(box):
-    speed = jnp.maximum(speed, jnp.max(jnp.where(s >= e, ad, 0), initial=0.0))
+    speed = jnp.maximum(speed, _rmax(jnp.where(s >= _bcast(e, s.ndim, nb), ad, 0), nb))
   eta = jnp.where(speed > 0, e / jnp.where(speed > 0, speed, 1), 0)
-  return jnp.where(valid, eta, jnp.nan)
+  return jnp.where(jnp.isfinite(eps) & (eps >= 0) & (bad == 0), eta, jnp.nan)
 
 
 def _rescale(x, delta, eps, p, lower, upper, method):

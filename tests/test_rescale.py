@@ -265,20 +265,31 @@ def test_vmap_mixed_batching_and_nesting():
   np.testing.assert_allclose(low_rank, [oracle.rescale(a, b, 0.5, 2) for a, b in zip(x[:, 0], d[:, 0])], rtol=1e-10)
 
 
-def test_lockstep_batched_solver_matches_row_by_row(monkeypatch):
-  """Both batching strategies of the custom_vmap rule give the same numbers."""
+@pytest.mark.parametrize(
+    "strategy, patches",
+    [
+        ("one row at a time", {"_ROW_ELEMENTS": 1}),
+        ("groups of two rows and a rest", {"_ROW_ELEMENTS": 10**9, "_GROUP_ELEMENTS": 160}),
+        ("lockstep", {"_row_by_row": lambda tree: False}),
+    ],
+)
+def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
+  """Every batching strategy of the custom_vmap rule gives the unbatched numbers."""
   rng = np.random.default_rng(8)
-  cases = [random_case(rng, 80, heavy=bool(i % 2)) for i in range(5)]
-  x, d = np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
+  cases = [random_case(rng, 80, heavy=bool(i % 2), array_bounds=True) for i in range(5)]
+  x, d, lo, hi = (np.stack(v) for v in zip(*cases))
+  unit_x = np.clip(x, 0, 1)
   eps = np.linspace(0.1, 3.0, 5)
-  for p in [1.0, 2.0, 3.0, math.inf]:
-    f = lambda x, d, e: clipjax.rescale(x, d, e, p=p)
-    row = jax.vmap(f)(x, d, eps)
-    monkeypatch.setattr(rescale_module, "_row_by_row", lambda tree: False)
-    lockstep = jax.vmap(f)(x, d, eps)
-    monkeypatch.undo()
-    np.testing.assert_allclose(row, lockstep, rtol=1e-12)
-    np.testing.assert_allclose(row, [oracle.rescale(a, b, e, p) for a, b, e in zip(x, d, eps)], rtol=1e-10)
+  for name, value in patches.items():
+    monkeypatch.setattr(rescale_module, name, value)
+  for p in [1.0, 3.0, math.inf]:
+    f = lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi)
+    batched = jax.jit(jax.vmap(f))(x, d, eps, lo, hi)
+    shared_bounds = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None, None)))(unit_x, d, eps, 0.0, 1.0)
+    loop = [float(f(*args)) for args in zip(x, d, eps, lo, hi)]  # no vmap: no batching rule
+    np.testing.assert_allclose(batched, loop, rtol=1e-12, err_msg=strategy)
+    np.testing.assert_allclose(batched, [oracle.rescale(*a, p, l, h) for *a, l, h in zip(x, d, eps, lo, hi)], rtol=1e-10)
+    np.testing.assert_allclose(shared_bounds, [oracle.rescale(a, b, e, p) for a, b, e in zip(unit_x, d, eps)], rtol=1e-10)
 
 
 def test_traced_eps_under_jit():
