@@ -154,19 +154,19 @@ def _vmapped(p, method):
 
 
 def _lockstep(p, x, d, eps):
-  """The vmapped default with the batched solve forced to lockstep (traced and
-  compiled while ``_row_by_row`` is patched, so the executable keeps that choice),
-  or None where the default compiles to the same program."""
+  """The vmapped default with the batched solve forced to lockstep (traced while
+  ``_row_by_row`` is patched, so the program keeps that choice), or None where
+  the default lowers to the same program."""
+  default = jax.jit(_vmapped(p, "auto")).lower(x, d, eps).as_text()
   original = _rescale_module._row_by_row
   _rescale_module._row_by_row = lambda tree: False
   try:
-    fn = jax.vmap(lambda *a: clipjax.rescale(*a, p=p))
-    lowered = jax.jit(fn).lower(x, d, eps)
-    if lowered.as_text() == jax.jit(_vmapped(p, "auto")).lower(x, d, eps).as_text():
-      return None
-    compiled = lowered.compile()
+    lowered = jax.jit(_vmapped(p, "auto")).lower(x, d, eps)
   finally:
     _rescale_module._row_by_row = original
+  if lowered.as_text() == default:
+    return None
+  compiled = lowered.compile()
   return lambda: compiled(x, d, eps)
 
 
