@@ -478,10 +478,10 @@ def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond):
 
 # On one CPU device, rows of at least _ROW_ELEMENTS elements are solved one at a
 # time: a row stays in cache through all of its passes and waits for no other row
-# (at 32 x 150528 and 32 x 4M, 1.6-2.6x faster than one lockstep solve). Shorter rows are
-# solved in lockstep groups of up to _GROUP_ELEMENTS elements, as the loop's
-# fixed cost per pass dominates them (lockstep was 1.2-2.7x faster than rows one
-# at a time for rows of 3072 to 65536 elements). Measured with benchmarks/.
+# (at 32 x 150528 and 32 x 4M, 1.6-2.6x faster than one lockstep solve). Shorter
+# rows are solved in lockstep groups of up to _GROUP_ELEMENTS elements, as the
+# loop's fixed cost per pass dominates them (lockstep was 1.2-2.7x faster than
+# rows one at a time for rows of 3072 to 65536 elements). Measured with benchmarks/.
 _ROW_ELEMENTS = 1 << 17
 _GROUP_ELEMENTS = 1 << 22
 
