@@ -463,10 +463,8 @@ def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond):
   """eta as a differentiable function of the data, with the final piece held fixed."""
   safe_eps = jnp.where(eps > 0, eps, 1)
   # eta does not depend on the scale m; holding it fixed keeps its max out of the tangent.
-  m = 0.0
-  for s, ad in _leaves(box):
-    m = jnp.maximum(m, _rmax(_terms(s, ad, eta_star, safe_eps, 1.0, 1, nb)[2], nb))
-  m = lax.stop_gradient(jnp.where(m > 0, m, 1))
+  m = lax.stop_gradient(_free_max(box, eta_star, nb))
+  m = jnp.where(m > 0, m, 1)
   sb = sa = 0.0
   for s, ad in _leaves(box):
     b, a, _ = _terms(s, ad, eta_star, safe_eps, m, p, nb)
@@ -707,9 +705,7 @@ def max_norm(x, delta, *, p=2, lower=0.0, upper=1.0) -> jax.Array:
   _check_values(box, None)
   room = [jnp.where(ad > 0, s, 0) for s, ad in _leaves(box)]
   top = functools.reduce(jnp.maximum, [jnp.max(r, initial=0.0) for r in room])
-  valid = jnp.all(jnp.array([
-      jnp.all(jnp.isfinite(x) & jnp.isfinite(d) & (lo <= x) & (x <= hi)) for x, d, lo, hi in zip(*box)
-  ]))
+  valid = functools.reduce(jnp.maximum, [jnp.max(_outside(*leaf), initial=0.0) for leaf in zip(*box)]) == 0
   if p == math.inf:
     norm = top
   else:
