@@ -319,6 +319,47 @@ def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
     np.testing.assert_allclose(shared_bounds, [oracle.rescale(a, b, e, p) for a, b, e in zip(unit_x, d, eps)], rtol=1e-10)
 
 
+def test_sampled_warm_start_matches_oracle(monkeypatch):
+  """Long rows start Newton from a strided sample's solution; the answers stay exact.
+
+  Forced onto short rows (every 7th coordinate) of a pytree with leaves shorter
+  than, equal to and longer than the stride, array bounds, heavy tails, eps = 0
+  and eps past the maximum, unbatched and under vmap (with per-row bounds).
+  """
+  monkeypatch.setattr(rescale_module, "_SAMPLE_MIN_ROW", 100)  # the row, not its sample
+  monkeypatch.setattr(rescale_module, "_SAMPLE_STRIDE", 7)
+  rng = np.random.default_rng(12)
+  sizes, fractions = (3, 7, 230), (0.0, 0.02, 0.4, 0.9, 0.999, 1.3)
+  flat = lambda v: np.concatenate([np.ravel(a) for a in v])
+  moved = 0
+  for p in [1.0, 2.5]:
+    f = jax.jit(lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi))
+
+    @jax.jit
+    def starts(box, eps):
+      sc = rescale_module._first_pass(box, eps, p, 0)
+      return sc.start, rescale_module._warm_start(box, eps, sc, p, 0)
+
+    cases = []
+    for i, fraction in enumerate(fractions):
+      leaves = [random_case(rng, n, heavy=bool(i % 2), array_bounds=True) for n in sizes]
+      x, d, lo, hi = (list(v) for v in zip(*leaves))
+      eps = fraction * oracle.max_norm(flat(x), flat(d), p, flat(lo), flat(hi))
+      want = oracle.rescale(flat(x), flat(d), eps, p, flat(lo), flat(hi))
+      np.testing.assert_allclose(float(f(x, d, eps, lo, hi)), want, rtol=1e-10, atol=1e-300)
+      cases.append((x, d, eps, lo, hi, want))
+      # The start is at or left of the solution, and mostly past the plain first step.
+      box = rescale_module._prepare(x, d, lo, hi)[0]
+      if 0 < fraction < 1:
+        plain, start = (float(v) for v in starts(box, eps))
+        assert plain <= start <= want * (1 + 1e-12)
+        moved += start > plain
+    stacked = jax.tree.map(lambda *v: np.stack(v), *[c[:5] for c in cases])
+    batched = jax.jit(jax.vmap(f))(*stacked)
+    np.testing.assert_allclose(batched, [c[5] for c in cases], rtol=1e-10, atol=1e-300)
+  assert moved >= 4, moved  # of 8 rows inside (0, max): the sample does move the start
+
+
 def test_traced_eps_under_jit():
   x, d = np.full(6, 0.5), np.linspace(-1, 1, 6)
   f = jax.jit(lambda e: clipjax.rescale(x, d, e))
