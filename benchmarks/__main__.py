@@ -19,6 +19,8 @@ import sys
 
 import jax
 
+from benchmarks._timing import warm_up
+
 _SUITES = {
     "rescale": "benchmarks.rescale_bench",
     "transforms": "benchmarks.transforms_bench",
@@ -51,6 +53,7 @@ def _print_table(rows):
 
 def main(argv):
   args = _parse(argv)
+  warm_up()
   rows = []
   for suite in args.only:
     print(f"running {suite} ...", file=sys.stderr, flush=True)

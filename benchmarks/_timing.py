@@ -15,6 +15,20 @@ import numpy as np
 _TARGET_SAMPLE_S = 0.02
 
 
+def warm_up(seconds: float = 3.0) -> None:
+  """Keeps the CPU busy with XLA work for ``seconds`` before anything is timed.
+
+  The first grid point of a fresh process measured up to 3x slower than the same
+  point again (clock ramp-up, thread-pool start, first-touch page faults), which
+  distorted whichever point came first.
+  """
+  x = jax.numpy.ones((512, 512))
+  step = jax.jit(lambda x: jax.numpy.tanh(x @ x / 512.0).sum(axis=0) + x)
+  end = time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    x = jax.block_until_ready(step(x))
+
+
 def _per_call(thunk, number):
   start = time.perf_counter()
   for _ in range(number):
