@@ -8,6 +8,7 @@ by their builders before they get here, so every sample is a warm run.
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Each sample repeats a fast call until it lasts about this long: single calls of
@@ -22,8 +23,8 @@ def warm_up(seconds: float = 3.0) -> None:
   point again (clock ramp-up, thread-pool start, first-touch page faults), which
   distorted whichever point came first.
   """
-  x = jax.numpy.ones((512, 512))
-  step = jax.jit(lambda x: jax.numpy.tanh(x @ x / 512.0).sum(axis=0) + x)
+  x = jnp.ones((512, 512))
+  step = jax.jit(lambda x: jnp.tanh(x @ x / 512.0).sum(axis=0) + x)
   end = time.perf_counter() + seconds
   while time.perf_counter() < end:
     x = jax.block_until_ready(step(x))

@@ -153,17 +153,16 @@ def _vmapped(p, method):
   return jax.vmap(functools.partial(clipjax.rescale, p=p, method=method))
 
 
-def _lockstep(p, x, d, eps):
-  """The vmapped default with the batched solve forced to lockstep (traced while
-  ``_row_by_row`` is patched, so the program keeps that choice), or None where
-  the default lowers to the same program."""
+def _patched(p, x, d, eps, name, value):
+  """The vmapped default traced while ``clipjax.rescale.<name>`` is ``value`` (the
+  program keeps that choice), or None where it lowers to the default's program."""
   default = jax.jit(_vmapped(p, "auto")).lower(x, d, eps).as_text()
-  original = _rescale_module._row_by_row
-  _rescale_module._row_by_row = lambda tree: False
+  original = getattr(_rescale_module, name)
+  setattr(_rescale_module, name, value)
   try:
     lowered = jax.jit(_vmapped(p, "auto")).lower(x, d, eps)
   finally:
-    _rescale_module._row_by_row = original
+    setattr(_rescale_module, name, original)
   if lowered.as_text() == default:
     return None
   compiled = lowered.compile()
@@ -197,7 +196,7 @@ def _candidates(p, x, d, eps, host, extras):
     thunks["bisect40"] = _compiled(jax.vmap(functools.partial(_bisect40, p=p)), x, d, eps)
   if extras:
     thunks["unbatched"] = _unbatched(p, x, d, eps)
-    lockstep = _lockstep(p, x, d, eps) if finite else None
+    lockstep = _patched(p, x, d, eps, "_row_by_row", lambda tree: False) if finite else None
     if lockstep is not None:
       thunks["lockstep"] = lockstep
   return thunks

@@ -305,13 +305,14 @@ def _piece_root(sb, sa, eps, m, p):
 
 
 # Rows of at least _SAMPLE_MIN_ROW elements start Newton near the solution of a
-# strided sample of _SAMPLE_STRIDE-th coordinates (see _warm_start). The sample's
-# own solve costs a few hundred microseconds of loop overhead on XLA:CPU, more
-# than the passes it saves at 150528 elements (10-30% slower there), less from
-# about a million on (benchmarks/: 6-12% faster with uniform directions and
-# 26-35% with Cauchy ones, at 1M and 4M elements).
+# strided sample of every _SAMPLE_STRIDE-th coordinate (see _warm_start). That
+# saves one to four passes over the row, and the sample's own solve costs a fixed
+# few hundred microseconds of loop overhead: a gain once a row no longer stays in
+# cache through its passes (2M elements here), a loss below (measured by
+# benchmarks/ at 150528, 1M, 2M and 4M elements: the cold_start and
+# sampled_start rows).
 _SAMPLE_STRIDE = 256
-_SAMPLE_MIN_ROW = 1 << 19
+_SAMPLE_MIN_ROW = 1 << 21
 
 
 def _sample(box: _Box, nb) -> _Box:

@@ -1,0 +1,73 @@
+"""Newton's sampled start against its cold start, on rows around the threshold.
+
+``clipjax.rescale`` starts Newton on rows of at least ``_SAMPLE_MIN_ROW`` elements
+from the solution of a strided sample (``_warm_start``). For rows on both sides of
+that threshold this suite times ``jax.jit(jax.vmap(rescale))`` both ways, in one
+process and interleaved, next to ``rescale_bench``'s streaming floor:
+
+* ``sampled``: every row starts from its sample (``_SAMPLE_MIN_ROW`` lowered to
+  ``_ROW_ELEMENTS``; the sample itself is short enough to be solved cold);
+* ``cold``: no row samples (``_SAMPLE_MIN_ROW`` raised to infinity).
+
+Each row's ``ratio`` is over the floor; ``sampled`` rows add ``ratio_vs_cold`` and
+``max_rel_diff_vs_cold``. Data kinds and eps are ``rescale_bench``'s.
+
+Run ``python -m benchmarks --only sampling [--quick]``, or call ``run(quick)``.
+"""
+
+import functools
+import itertools
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import clipjax
+from benchmarks import rescale_bench as rb
+from benchmarks._timing import interleaved_medians
+
+_FULL = {"points": [(4, 1 << 20), (2, 1 << 21), (1, 4_000_000)], "kinds": rb._KINDS, "ps": (1.0, 2.0), "repeats": 5}
+_QUICK = {"points": [(2, 1 << 21)], "kinds": ("heavy",), "ps": (2.0,), "repeats": 3}
+
+
+def _forced(p, x, d, eps, min_row):
+  """The vmapped call compiled with ``_SAMPLE_MIN_ROW = min_row``."""
+  patched = rb._patched(p, x, d, eps, "_SAMPLE_MIN_ROW", min_row)
+  return patched or rb._compiled(rb._vmapped(p, "auto"), x, d, eps)
+
+
+def run(quick: bool) -> list[dict]:
+  """Times the sampled and the cold start at every point; one dict per (point, start).
+
+  Args:
+    quick: one point (2 × 2^21, Cauchy directions, p = 2) with fewer repeats.
+
+  Returns:
+    Dicts like ``rescale_bench.run``'s, named ``sampling/<start>/p<p>/<kind>/<b>x<n>``.
+  """
+  grid = _QUICK if quick else _FULL
+  rows = []
+  for (batch, n), kind in itertools.product(grid["points"], grid["kinds"]):
+    x, d = (jnp.asarray(v) for v in rb._data(kind, batch, n))
+    for p in grid["ps"]:
+      print(f"  sampling {batch}x{n} {kind} p={rb._p_name(p)}", file=sys.stderr, flush=True)
+      eps = jax.jit(jax.vmap(functools.partial(clipjax.max_norm, p=p)))(x, d) / 2
+      thunks = {
+          "sampled": _forced(p, x, d, eps, rb._rescale_module._ROW_ELEMENTS),
+          "cold": _forced(p, x, d, eps, math.inf),
+          "floor_sum": rb._compiled(rb._floor_sum, x, d),
+          "floor_reduce": rb._compiled(rb._floor_reduce, x, d),
+      }
+      medians, outputs = interleaved_medians(thunks, grid["repeats"])
+      point = rb._rows(medians, batch, n, p, kind, grid["repeats"])
+      for row in point:
+        row["name"] = row["name"].replace("rescale/", "sampling/", 1)
+        if row["method"] == "sampled":
+          row["ratio_vs_cold"] = row["median_s"] / medians["cold"]
+          cold = np.asarray(outputs["cold"])
+          row["max_rel_diff_vs_cold"] = float(np.max(np.abs(np.asarray(outputs["sampled"]) - cold) / cold))
+      rows += point
+    del x, d
+  return rows
