@@ -307,10 +307,9 @@ def _piece_root(sb, sa, eps, m, p):
 # Rows of at least _SAMPLE_MIN_ROW elements start Newton near the solution of a
 # strided sample of every _SAMPLE_STRIDE-th coordinate (see _warm_start). That
 # saves one to four passes over the row, and the sample's own solve costs a fixed
-# few hundred microseconds of loop overhead: a gain once a row no longer stays in
-# cache through its passes (2M elements here), a loss below (measured by
-# benchmarks/ at 150528, 1M, 2M and 4M elements: the cold_start and
-# sampled_start rows).
+# few hundred microseconds of loop overhead: a gain once a row outgrows the cache
+# (benchmarks/sampling_bench.py, sampled over cold start: 0.98-1.25x at 2^20
+# elements, 0.55-1.0x at 2^21, 0.73-1.03x at 4M).
 _SAMPLE_STRIDE = 256
 _SAMPLE_MIN_ROW = 1 << 21
 
@@ -334,11 +333,11 @@ def _warm_start(box: _Box, eps, sc: _Scale, p, nb):
   scaled by the sampled fraction to the power ``1/p``; its solution ``eta_0``
   is near the full one. One pass at ``eta_0`` then gives the root of the
   tangent of ``F(v)`` there, which lies at or left of the solution whichever side
-  ``eta_0`` is on, because ``F`` is concave. On the benchmark's data that is 4
-  passes over the row instead of 6 (uniform directions) and 5 instead of 9
-  (Cauchy directions, p = 2), counting the first pass. Where the tangent cannot
-  be trusted (its free sum underflows at the scale ``sc.m``) the start stays
-  ``sc.start``.
+  ``eta_0`` is on, because ``F`` is concave. On the benchmark's rows of 2^21
+  elements that makes 4-5 passes over the row instead of 5-6 (uniform and
+  image-like data) and 5 instead of 7-9 (Cauchy directions), the pass at
+  ``eta_0`` included. Where the tangent cannot be trusted (its free sum
+  underflows at the scale ``sc.m``) the start stays ``sc.start``.
   """
   sizes = [math.prod(jnp.shape(x)[nb:]) for x in box.xs]
   row, kept = sum(sizes), sum(-(-n // _SAMPLE_STRIDE) for n in sizes)
