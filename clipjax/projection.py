@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax.rescale import _bound_leaves, _is_concrete, rescale
+from clipjax.rescale import _Box, _bound_leaves, _check_values, rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
 # back to bisection; image-like data needs 2 to 12 (more for larger inputs).
@@ -94,30 +94,8 @@ def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
   return problem, treedef, compute
 
 
-def _check_values(problem: _Problem, eps: jax.Array) -> None:
-  """With concrete values, raises ``ValueError`` naming the offending argument."""
-  if _is_concrete(eps):
-    e = np.asarray(eps)
-    if not np.isfinite(e):
-      raise ValueError(f"eps must be finite, got {e}.")
-    if e < 0:
-      raise ValueError(f"eps must be >= 0, got {e}.")
-  if not _is_concrete(problem):
-    return
-  for name, leaves in zip(("y", "center", "lower", "upper"), problem):
-    for leaf in leaves:
-      if not np.all(np.isfinite(np.asarray(leaf))):
-        raise ValueError(f"{name} contains NaN or inf.")
-  for c, lo, hi in zip(problem.cs, problem.los, problem.his):
-    c, lo, hi = np.asarray(c), np.asarray(lo), np.asarray(hi)
-    if np.any(lo > hi):
-      raise ValueError("lower must be <= upper everywhere.")
-    if np.any(c < lo) or np.any(c > hi):
-      raise ValueError("center must lie inside [lower, upper].")
-
-
 def _valid(problem: _Problem, eps: jax.Array) -> jax.Array:
-  """The same conditions as ``_check_values``, as a traced flag for ``jit``."""
+  """The conditions ``_check_values`` raises for, as a traced flag for ``jit``."""
   ok = jnp.isfinite(eps) & (eps >= 0)
   for y, c, lo, hi in zip(*problem):
     leaf_ok = (
@@ -343,7 +321,8 @@ def project_ball_box(y, center, eps, *, p=2, lower=0.0, upper=1.0):
   eps = jnp.asarray(eps, compute)
   if eps.ndim:
     raise ValueError(f"eps must be a scalar, got shape {eps.shape}; use jax.vmap for a batch.")
-  _check_values(problem, eps)
+  # center, not y, must lie inside the box.
+  _check_values(_Box(problem.cs, problem.ys, problem.los, problem.his), eps, names=("center", "y"))
   out = _project(problem, eps, p=p, treedef=treedef)
   dtypes = [jnp.result_type(v) for v in jax.tree.leaves(y)]
   return jax.tree.unflatten(

@@ -128,10 +128,12 @@ def _prepare(x, delta, lower, upper) -> tuple[_Box, Any, Any, Any]:
 
 
 def _check_values(box: _Box, eps: Any | None, names=("x", "delta")) -> None:
-  """With concrete values, raises ``ValueError`` naming the offending argument."""
-  if not _is_concrete((box, eps)):
-    return
-  if eps is not None:
+  """With concrete values, raises ``ValueError`` naming the offending argument.
+
+  ``eps`` and the arrays are checked separately, each when it is concrete. The
+  first of ``names`` (the first field of ``box``) must lie inside the box.
+  """
+  if eps is not None and _is_concrete(eps):
     e = np.asarray(eps)
     if e.ndim:
       raise ValueError(f"eps must be a scalar, got shape {e.shape}.")
@@ -139,6 +141,8 @@ def _check_values(box: _Box, eps: Any | None, names=("x", "delta")) -> None:
       raise ValueError(f"eps must be finite, got {e}.")
     if e < 0:
       raise ValueError(f"eps must be >= 0, got {e}.")
+  if not _is_concrete(box):
+    return
   for name, leaves in zip((*names, "lower", "upper"), box):
     for leaf in leaves:
       if not np.all(np.isfinite(np.asarray(leaf))):
