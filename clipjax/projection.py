@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 
 from clipjax.rescale import _Box, _bound_leaves, _check_values, rescale
+from clipjax.rescale import _canonical_p as _rescale_p
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
 # back to bisection; image-like data needs 2 to 12 (more for larger inputs).
@@ -57,17 +58,13 @@ class _Problem(NamedTuple):
 
 def _canonical_p(p: Any) -> float:
   """Returns ``p`` as 1.0, 2.0 or ``math.inf``; anything else is refused."""
-  if isinstance(p, str):
-    if p.strip().lower() in ("inf", "+inf", "infinity"):
-      return math.inf
-  elif not isinstance(p, (bool, jax.core.Tracer)):
-    try:
-      value = float(p)
-    except (TypeError, ValueError):
-      value = None
-    if value in (1.0, 2.0, math.inf):
-      return value
-  raise ValueError(f"p must be 1, 2 or inf (a static value), got {p!r}.")
+  try:
+    value = None if isinstance(p, bool) else _rescale_p(p)
+  except ValueError:
+    value = None
+  if value not in (1.0, 2.0, math.inf):
+    raise ValueError(f"p must be 1, 2 or inf (a static value), got {p!r}.")
+  return value
 
 
 def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
