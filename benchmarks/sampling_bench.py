@@ -28,7 +28,12 @@ import clipjax
 from benchmarks import rescale_bench as rb
 from benchmarks._timing import interleaved_medians
 
-_FULL = {"points": [(4, 1 << 20), (2, 1 << 21), (1, 4_000_000)], "kinds": rb._KINDS, "ps": (1.0, 2.0), "repeats": 5}
+_FULL = {
+    "points": [(4, 1 << 20), (2, 1 << 21), (1, 4_000_000)],
+    "kinds": rb._KINDS,
+    "ps": (1.0, 2.0),
+    "repeats": 5,
+}
 _QUICK = {"points": [(2, 1 << 21)], "kinds": ("heavy",), "ps": (2.0,), "repeats": 3}
 
 

@@ -2,11 +2,11 @@
 
 Both transform the same updates of a pytree of a few leaves (~10M parameters, in
 quick mode too, with fewer repeats), jitted, compiled first, then timed interleaved
-in one process (``block_until_ready``, medians over repeats). ``ratio`` is clipjax's median over
-optax's. clipping_aware_normalize does more: it finds the exact scale at which the
-*clipped* step has norm 1, a few passes over (params, updates), then clips. A
-fifth of the params sit on each bound of [0, 1] (as in box-constrained training),
-so the clipping, and with it the active set, matters.
+in one process (``block_until_ready``, medians over repeats). ``ratio`` is
+clipjax's median over optax's. clipping_aware_normalize does more: it finds the
+exact scale at which the *clipped* step has norm 1, a few passes over (params,
+updates), then clips. A fifth of the params sit on each bound of [0, 1] (as in
+box-constrained training), so the clipping, and with it the active set, matters.
 
 Run ``python -m benchmarks --only transforms [--quick]``, or call ``run(quick)``.
 """

@@ -310,8 +310,8 @@ def _piece_root(sb, sa, eps, m, p):
 
 # Rows of at least _SAMPLE_MIN_ROW elements start Newton near the solution of a
 # strided sample of every _SAMPLE_STRIDE-th coordinate (see _warm_start). That
-# saves one to four passes over the row, and the sample's own solve costs a fixed
-# few hundred microseconds of loop overhead: a gain once a row outgrows the cache
+# saves one to four passes over the row, but the sample's own solve has a fixed
+# cost (its loop) that only rows too long to stay in cache earn back
 # (benchmarks/sampling_bench.py, sampled over cold start: 0.98-1.25x at 2^20
 # elements, 0.55-1.0x at 2^21, 0.73-1.03x at 4M).
 _SAMPLE_STRIDE = 256

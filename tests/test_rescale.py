@@ -131,6 +131,21 @@ def test_float32_long_rows_keep_precision(method):
       assert eta == pytest.approx(oracle.rescale_sorted(x, d, eps, p), rel=1e-6), (heavy, p)
 
 
+def test_float32_rows_long_enough_to_sample():
+  """Rows past ``_SAMPLE_MIN_ROW`` (Newton started from a sample), batched, float32."""
+  n = rescale_module._SAMPLE_MIN_ROW
+  rng = np.random.default_rng(13)
+  x = rng.uniform(0, 1, (3, n)).astype(np.float32)
+  x[2, rng.uniform(size=n) < 0.8] = 0.0  # mostly on the lower bound, like a dark image
+  d = rng.standard_normal((3, n)).astype(np.float32)
+  d[1] /= rng.standard_normal(n).astype(np.float32)  # Cauchy directions
+  for p in [1.0, 2.0]:
+    eps = np.array([f * oracle.max_norm(a, b, p) for f, a, b in zip((0.5, 0.3, 0.9), x, d)], np.float32)
+    eta = jax.jit(jax.vmap(functools.partial(clipjax.rescale, p=p)))(x, d, eps)
+    want = [oracle.rescale_sorted(a, b, e, p) for a, b, e in zip(x, d, eps)]
+    np.testing.assert_allclose(eta, want, rtol=1e-6, err_msg=str(p))
+
+
 @pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
 def test_large_p_heavy_tails_float32_no_overflow(method):
   """p = 7 with heavy-tailed directions: naive powers overflow float32 (1e38)."""
