@@ -34,14 +34,18 @@ def compare_norms(x, delta):
   return rows
 
 
-def _median_time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile outside the timing
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def _median_times(fns, args, repeats):
+  """Median seconds per call of each function, the calls interleaved (the order
+  reversed every other round) so that drifting load hits every candidate alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))  # compile outside the timing
+  times = {name: [] for name in fns}
+  for r in range(repeats):
+    for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+      start = time.perf_counter()
+      jax.block_until_ready(fns[name](*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def time_methods(shape, repeats):
@@ -54,7 +58,7 @@ def time_methods(shape, repeats):
   candidates = {"one fused pass (floor)": floor}
   for method in ("newton", "sort", "bisect"):
     candidates[method] = jax.jit(jax.vmap(lambda x, d, e, m=method: clipjax.rescale(x, d, e, method=m)))
-  return {name: _median_time(fn, (x, d, eps), repeats) for name, fn in candidates.items()}
+  return _median_times(candidates, (x, d, eps), repeats)
 
 
 def main(argv=None):
