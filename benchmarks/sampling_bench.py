@@ -62,8 +62,7 @@ def run(quick: bool) -> list[dict]:
       thunks = {
           "sampled": _forced(p, x, d, eps, rb._rescale_module._ROW_ELEMENTS),
           "cold": _forced(p, x, d, eps, math.inf),
-          "floor_sum": rb._compiled(rb._floor_sum, x, d),
-          "floor_reduce": rb._compiled(rb._floor_reduce, x, d),
+          **rb._floor_thunks(x, d),
       }
       medians, outputs = interleaved_medians(thunks, grid["repeats"])
       point = rb._rows(medians, batch, n, p, kind, grid["repeats"])
