@@ -312,8 +312,8 @@ def _piece_root(sb, sa, eps, m, p):
 # strided sample of every _SAMPLE_STRIDE-th coordinate (see _warm_start). That
 # saves one to four passes over the row, but the sample's own solve has a fixed
 # cost (its loop) that only rows too long to stay in cache earn back
-# (benchmarks/sampling_bench.py, sampled over cold start: 0.98-1.25x at 2^20
-# elements, 0.55-1.0x at 2^21, 0.73-1.03x at 4M).
+# (benchmarks/sampling_bench.py, sampled over cold start in two full runs:
+# 0.90-1.25x at 2^20 elements, 0.55-1.05x at 2^21, 0.73-1.03x at 4M).
 _SAMPLE_STRIDE = 256
 _SAMPLE_MIN_ROW = 1 << 21
 
