@@ -11,7 +11,8 @@ medians over repeats):
   exact solver must spend, timed in three forms that XLA:CPU compiles differently:
   a ``jnp.sum`` per row, a plain ``lax.reduce`` per row, and one ``jnp.sum``
   over the whole batch (per-row reductions of a few long rows run on one core:
-  62 ms for a (1, 4M) array, 4.2 ms for the same data summed whole). Every row's
+  45-51 ms for a (1, 4M) array, 2.8-3.2 ms for the same data summed whole, in
+  ``results/cpu.json``). Every row's
   ``ratio`` is against the fastest of the three;
 * ``bisect40``: 40 halvings of eta on ``[0, largest breakpoint]``, the iterative
   baseline the paper replaces (written here, vmapped);
