@@ -205,27 +205,69 @@ def _leaves(box: _Box):
     yield _room(x, d, lo, hi), jnp.abs(d)
 
 
-def _reduce(op, operands, nb):
-  """Row reductions (``jnp.sum`` or ``jnp.max``) of several operands, in one loop.
+# Sums and maxima over a row are taken in two stages: a variadic reduction of
+# every _CHUNK consecutive elements, fused with the elementwise work that makes
+# them, then one library reduction of the partial results. XLA:CPU hands a
+# plain sum or max to YNNPACK, which reads its operand from memory: the
+# elementwise terms would be written out first, and a pass over a row of 4M
+# elements cost 1.1-1.5 streaming floors. The variadic first stage is fused
+# instead, so a pass reads its inputs once and writes an eighth of their size:
+# 0.4-0.5 of that floor (benchmarks/).
+_CHUNK = 8
 
-  Sums are stacked along a new axis: XLA:CPU reduces the stack in one
-  vectorized loop, about twice as fast as sibling sums or a variadic
-  ``lax.reduce``, and with partial sums that keep float32 accurate (a variadic
-  reduce adds sequentially: 1e-5 relative error over 150528 terms, 2e-3 over
-  4M). Sibling maxima are already fused into one loop, faster than a stacked
-  max (measured in ``benchmarks/``). With several devices nothing is
-  stacked: the partitioner turns each reduction into a local one and an all-reduce.
-  The values are non-negative, so the max of an empty row is 0.
+
+def _reduce(ops, operands, nb):
+  """Row reductions of several operands in one pass over them.
+
+  ``ops`` is ``jnp.sum`` or ``jnp.max`` for all operands, or a tuple with one per
+  operand. The values are non-negative, so the max of an empty row is 0. Sums
+  keep float32 accurate: eight terms at a time, then a blocked library sum
+  (a single sequential loop would lose 2e-3 relative over 4M terms). With several
+  devices each reduction stays a plain one, which the partitioner splits into a
+  local reduction and an all-reduce.
   """
+  ops = ops if isinstance(ops, tuple) else (ops,) * len(operands)
   shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in operands))
   operands = [jnp.broadcast_to(v, shape) for v in operands]
-  if op is jnp.max or jax.device_count() > 1:
-    kw = {"initial": 0.0} if op is jnp.max else {}
-    return tuple(op(v, axis=tuple(range(nb, len(shape))), **kw) for v in operands)
-  # After the batch axis: each row's sums are then reduced together (5-9% faster
-  # than stacking in front at 128 x 3072).
-  stacked = jnp.stack(operands, axis=nb)
-  return tuple(jnp.moveaxis(jnp.sum(stacked, axis=tuple(range(1 + nb, stacked.ndim))), nb, 0))
+  if jax.device_count() > 1:
+    return _plain_reduce(ops, nb, *operands)
+  return _chunked_reduce(ops, nb, *operands)
+
+
+def _plain_reduce(ops, nb, *operands):
+  axes = tuple(range(nb, jnp.ndim(operands[0])))
+  return tuple(op(v, axis=axes, **({"initial": 0.0} if op is jnp.max else {})) for op, v in zip(ops, operands))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _chunked_reduce(ops, nb, *operands):
+  shape = jnp.shape(operands[0])
+  rows = [jnp.reshape(v, shape[:nb] + (-1,)) for v in operands]
+  q = rows[0].shape[-1] // _CHUNK
+  if q:
+    combine = [lax.max if op is jnp.max else lax.add for op in ops]
+    heads = [jnp.reshape(v[..., : q * _CHUNK], shape[:nb] + (q, _CHUNK)) for v in rows]
+    # A lone operand is reduced twice: XLA:CPU would hand a single-operand
+    # reduction to YNNPACK, unfused.
+    twice = len(heads) == 1
+    heads, combine = heads * (1 + twice), combine * (1 + twice)
+    zeros = [jnp.zeros((), v.dtype) for v in heads]
+    parts = lax.reduce(heads, zeros, lambda u, w: [f(a, b) for f, a, b in zip(combine, u, w)], (nb + 1,))
+    rows = [jnp.concatenate([part, v[..., q * _CHUNK :]], axis=-1) for part, v in zip(parts, rows)]
+  sums = [i for i, op in enumerate(ops) if op is jnp.sum]
+  # Stacked, the sums are one library reduction.
+  totals = jnp.sum(jnp.stack([rows[i] for i in sums], axis=nb), axis=-1) if sums else None
+  return tuple(
+      totals[..., sums.index(i)] if op is jnp.sum else jnp.max(v, axis=-1, initial=0.0)
+      for i, (op, v) in enumerate(zip(ops, rows))
+  )
+
+
+@_chunked_reduce.defjvp
+def _chunked_reduce_jvp(ops, nb, primals, tangents):
+  # The variadic reduce has no derivative rule; the plain reductions give the same one.
+  _, t = jax.jvp(functools.partial(_plain_reduce, ops, nb), primals, tangents)
+  return _chunked_reduce(ops, nb, *primals), t
 
 
 # The free sum is trusted when it is at least this: its largest term is then at
@@ -254,10 +296,14 @@ def _first_pass(box: _Box, eps, p, nb) -> _Scale:
   m = total = free = 0.0
   valid = True
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
-    top, bad = _reduce(jnp.max, (ad, _outside(x, d, lo, hi)), nb)
-    b, a = _reduce(
-        jnp.sum,
-        (jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0), jnp.where(s > 0, _pow(ad, p), 0)),
+    top, bad, b, a = _reduce(
+        (jnp.max, jnp.max, jnp.sum, jnp.sum),
+        (
+            ad,
+            _outside(x, d, lo, hi),
+            jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
+            jnp.where(s > 0, _pow(ad, p), 0),
+        ),
         nb,
     )
     m, total, free, valid = jnp.maximum(m, top), total + b, free + a, valid & (bad == 0)
@@ -374,9 +420,13 @@ def _eta_newton(box, eps, sc, p, nb):
 
   def body(carry):
     k, eta, _, m = carry
-    sb, sa = _stats(box, eta, eps, m, p, nb)
+    # Tied to the iterate, the room and |delta| are recomputed in each pass: hoisted
+    # out of the loop, XLA would write them out once and read them back on every
+    # pass, which costs more than a whole pass over x and delta (benchmarks/).
+    box_k, _ = lax.optimization_barrier((box, eta))
+    sb, sa = _stats(box_k, eta, eps, m, p, nb)
     coarse = sa < _TINY
-    m_free = lax.cond(jnp.any(coarse), lambda: _free_max(box, eta, nb), lambda: m)
+    m_free = lax.cond(jnp.any(coarse), lambda: _free_max(box_k, eta, nb), lambda: m)
     rescaled = coarse & (m_free > 0)  # else nothing is free and sa == 0 is right
     step = jnp.maximum(_piece_root(sb, sa, eps, m, p), eta)
     return (
@@ -415,7 +465,7 @@ def _eta_bisect(box, eps, sc, p, nb, lo=None):
 
   def below(eta):
     total = 0.0
-    for s, ad in _leaves(box):
+    for s, ad in _leaves(lax.optimization_barrier((box, eta))[0]):  # see _eta_newton
       moved = jnp.minimum(_bcast(eta, s.ndim, nb) * ad, s) * _bcast(1 / eps, s.ndim, nb)
       total = total + _reduce(jnp.sum, (_pow(moved, p),), nb)[0]
     return total < 1
