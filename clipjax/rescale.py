@@ -282,33 +282,43 @@ class _Scale(NamedTuple):
   m: jax.Array  # max |delta|
   beyond: jax.Array  # eps >= the largest reachable norm
   valid: jax.Array  # x and delta are finite and x lies inside the box
-  start: jax.Array  # the Newton step from eta = 0, or 0 where it needs a scale
+  start: jax.Array  # a first Newton iterate at or left of the solution (0 if none is trusted)
 
 
-def _first_pass(box: _Box, eps, p, nb) -> _Scale:
+def _first_pass(box: _Box, eps, p, nb, probe=None) -> _Scale:
   """One pass: the scale ``m``, validity, whether eps is reachable, and a first step.
 
   At ``eta = 0`` only coordinates without room are saturated (they contribute
   nothing), so the first Newton step is ``eps / (Σ_{s_i > 0} |delta_i|^p)^{1/p}``.
   Its sum is taken unscaled, as ``m`` is not known yet; it is used only when it is
   at least ``_TINY`` and finite, where the terms lost to underflow do not matter.
+  With a ``probe`` ``(eta_0, m_0)`` (see ``_sample_probe``) the same pass also
+  takes the sums at ``eta_0``, with the free terms scaled by ``m_0``; the root of
+  the tangent of ``F(v)`` there lies at or left of the solution, because ``F`` is
+  concave, and the first step is the larger of the two.
   """
-  m = total = free = 0.0
+  m = total = free = sb = sa = 0.0
   valid = True
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
-    top, bad, b, a = _reduce(
-        (jnp.max, jnp.max, jnp.sum, jnp.sum),
-        (
-            ad,
-            _outside(x, d, lo, hi),
-            jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
-            jnp.where(s > 0, _pow(ad, p), 0),
-        ),
-        nb,
-    )
+    terms = [
+        ad,
+        _outside(x, d, lo, hi),
+        jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
+        jnp.where(s > 0, _pow(ad, p), 0),
+    ]
+    if probe is not None:
+      terms += _terms(s, ad, probe[0], eps, probe[1], p, nb)[:2]
+    top, bad, b, a, *at_probe = _reduce((jnp.max, jnp.max) + (jnp.sum,) * (len(terms) - 2), terms, nb)
     m, total, free, valid = jnp.maximum(m, top), total + b, free + a, valid & (bad == 0)
+    if probe is not None:
+      sb, sa = sb + at_probe[0], sa + at_probe[1]
   trusted = (free >= _TINY) & jnp.isfinite(free)
   start = jnp.where(trusted, eps / _root(jnp.where(trusted, free, 1), p), 0)
+  if probe is not None:
+    tangent = _piece_root(sb, sa, eps, probe[1], p)
+    # An m_0 far below m (heavy tails) can underflow or overflow the free sum.
+    trusted = (sa >= _TINY) & jnp.isfinite(sa) & jnp.isfinite(tangent)
+    start = jnp.where(trusted, jnp.maximum(tangent, start), start)
   return _Scale(m, total <= 1, valid, start)
 
 
@@ -355,13 +365,15 @@ def _piece_root(sb, sa, eps, m, p):
 
 
 # Rows of at least _SAMPLE_MIN_ROW elements start Newton near the solution of a
-# strided sample of every _SAMPLE_STRIDE-th coordinate (see _warm_start). That
-# saves one to four passes over the row, but the sample's own solve has a fixed
-# cost (its loop) that only rows too long to stay in cache earn back
-# (benchmarks/sampling_bench.py, sampled over cold start in two full runs:
-# 0.90-1.25x at 2^20 elements, 0.55-1.05x at 2^21, 0.73-1.03x at 4M).
+# strided sample of every _SAMPLE_STRIDE-th coordinate (see _sample_probe). On
+# the benchmark's data that leaves two or three Newton passes after the first
+# pass (which takes the tangent), against two to seven from the cold start.
+# The sample's own solve has a fixed cost (its loop) that rows shorter than this
+# do not earn back (benchmarks/sampling_bench.py, sampled over cold start:
+# 1.0-1.3x at 3072 and 16384 elements, 0.9-1.1x at 65536, 0.7-1.0x at 150528
+# and up).
 _SAMPLE_STRIDE = 256
-_SAMPLE_MIN_ROW = 1 << 21
+_SAMPLE_MIN_ROW = 1 << 17
 
 
 def _sample(box: _Box, nb) -> _Box:
@@ -376,30 +388,24 @@ def _sample(box: _Box, nb) -> _Box:
   return _Box(*parts)
 
 
-def _warm_start(box: _Box, eps, sc: _Scale, p, nb):
-  """A first Newton iterate at or left of the solution, closer than ``sc.start``.
+def _sample_probe(box: _Box, eps, p, nb):
+  """Where the first pass takes a tangent (``(eta_0, m_0)``), or None on short rows.
 
-  On long rows, solve the problem restricted to a strided sample, with ``eps``
-  scaled by the sampled fraction to the power ``1/p``; its solution ``eta_0``
-  is near the full one. One pass at ``eta_0`` then gives the root of the
-  tangent of ``F(v)`` there, which lies at or left of the solution whichever side
-  ``eta_0`` is on, because ``F`` is concave. On the benchmark's rows of 2^21
-  elements that makes 4-5 passes over the row instead of 5-6 (uniform and
-  image-like data) and 5 instead of 7-9 (Cauchy directions), the pass at
-  ``eta_0`` included. Where the tangent cannot be trusted (its free sum
-  underflows at the scale ``sc.m``) the start stays ``sc.start``.
+  ``eta_0`` solves the problem restricted to a strided sample, with ``eps``
+  scaled by the sampled fraction to the power ``1/p``: it lies near the full
+  solution. ``m_0`` is the sample's largest ``|delta_i|``, the scale for the free
+  sum at ``eta_0`` (the full row's is not known until the pass ends).
   """
   sizes = [math.prod(jnp.shape(x)[nb:]) for x in box.xs]
   row, kept = sum(sizes), sum(-(-n // _SAMPLE_STRIDE) for n in sizes)
   # Many leaves shorter than the stride would make the sample as long as the row;
   # with several devices, the strided slice of a sharded row would move data.
   if row < _SAMPLE_MIN_ROW or kept > row // 2 or jax.device_count() > 1:
-    return sc.start
-  eta0, _ = _eta_finite(_sample(box, nb), eps * (kept / row) ** (1 / p), p, "newton", nb)
-  sb, sa = _stats(box, jnp.where(jnp.isfinite(eta0), eta0, 0), eps, sc.m, p, nb)
-  tangent = _piece_root(sb, sa, eps, sc.m, p)
-  trusted = (sa >= _TINY) & jnp.isfinite(tangent)
-  return jnp.where(trusted, jnp.maximum(tangent, sc.start), sc.start)
+    return None
+  sample = _sample(box, nb)
+  eta0, _ = _eta_finite(sample, eps * (kept / row) ** (1 / p), p, "newton", nb)
+  m0 = functools.reduce(jnp.maximum, [_rmax(jnp.abs(d), nb) for d in sample.ds])
+  return jnp.where(jnp.isfinite(eta0), eta0, 0), jnp.where(m0 > 0, m0, 1)
 
 
 def _eta_newton(box, eps, sc, p, nb):
@@ -437,8 +443,7 @@ def _eta_newton(box, eps, sc, p, nb):
     )
 
   # Rows past the largest norm start converged: their answer is the last breakpoint.
-  start = jnp.where(sc.beyond, sc.start, _warm_start(box, eps, sc, p, nb))
-  init = (0, start, jnp.where(sc.beyond, start, -1), sc.m)
+  init = (0, sc.start, jnp.where(sc.beyond, sc.start, -1), sc.m)
   _, eta, prev, m = lax.while_loop(cond, body, init)
   stuck = eta > prev
   return lax.cond(
@@ -540,7 +545,8 @@ def _resolve_method(method: str) -> str:
 def _eta_finite(box: _Box, eps, p, method, nb):
   """Returns (eta, whether eps is at or past the largest reachable norm)."""
   safe_eps = jnp.where(eps > 0, eps, 1)
-  sc = _first_pass(box, safe_eps, p, nb)
+  probe = _sample_probe(box, safe_eps, p, nb) if method == "newton" else None
+  sc = _first_pass(box, safe_eps, p, nb, probe)
   safe = sc._replace(m=jnp.where(sc.m > 0, sc.m, 1))
   eta = jnp.maximum(_SOLVERS[method](box, safe_eps, safe, p, nb), 0)
   # At or past the largest norm (the solvers answer inf where nothing is left free),

@@ -352,8 +352,8 @@ def test_sampled_warm_start_matches_oracle(monkeypatch):
 
     @jax.jit
     def starts(box, eps):
-      sc = rescale_module._first_pass(box, eps, p, 0)
-      return sc.start, rescale_module._warm_start(box, eps, sc, p, 0)
+      probe = rescale_module._sample_probe(box, eps, p, 0)
+      return tuple(rescale_module._first_pass(box, eps, p, 0, probe).start for probe in (None, probe))
 
     cases = []
     for i, fraction in enumerate(fractions):
