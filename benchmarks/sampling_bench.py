@@ -1,12 +1,12 @@
 """Newton's sampled start against its cold start, on rows around the threshold.
 
 ``clipjax.rescale`` starts Newton on rows of at least ``_SAMPLE_MIN_ROW`` elements
-from the solution of a strided sample (``_warm_start``). For rows on both sides of
-that threshold this suite times ``jax.jit(jax.vmap(rescale))`` both ways, in one
-process and interleaved, next to ``rescale_bench``'s streaming floor:
+(2^17) from the solution of a strided sample (``_sample_probe``). For rows on both
+sides of that threshold this suite times ``jax.jit(jax.vmap(rescale))`` both
+ways, in one process and interleaved, next to ``rescale_bench``'s streaming floor:
 
 * ``sampled``: every row starts from its sample (``_SAMPLE_MIN_ROW`` lowered to
-  ``_ROW_ELEMENTS``; the sample itself is short enough to be solved cold);
+  the row's length);
 * ``cold``: no row samples (``_SAMPLE_MIN_ROW`` raised to infinity).
 
 Each row's ``ratio`` is over the floor; ``sampled`` rows add ``ratio_vs_cold`` and
@@ -29,12 +29,12 @@ from benchmarks import rescale_bench as rb
 from benchmarks._timing import interleaved_medians
 
 _FULL = {
-    "points": [(4, 1 << 20), (2, 1 << 21), (1, 4_000_000)],
+    "points": [(32, 1 << 14), (32, 1 << 16), (32, 150528), (1, 4_000_000)],
     "kinds": rb._KINDS,
     "ps": (1.0, 2.0),
     "repeats": 5,
 }
-_QUICK = {"points": [(2, 1 << 21)], "kinds": ("heavy",), "ps": (2.0,), "repeats": 3}
+_QUICK = {"points": [(32, 150528)], "kinds": ("heavy",), "ps": (2.0,), "repeats": 3}
 
 
 def _forced(p, x, d, eps, min_row):
@@ -47,7 +47,7 @@ def run(quick: bool) -> list[dict]:
   """Times the sampled and the cold start at every point; one dict per (point, start).
 
   Args:
-    quick: one point (2 × 2^21, Cauchy directions, p = 2) with fewer repeats.
+    quick: one point (32 × 150528, Cauchy directions, p = 2) with fewer repeats.
 
   Returns:
     Dicts like ``rescale_bench.run``'s, named ``sampling/<start>/p<p>/<kind>/<b>x<n>``.
@@ -60,7 +60,7 @@ def run(quick: bool) -> list[dict]:
       print(f"  sampling {batch}x{n} {kind} p={rb._p_name(p)}", file=sys.stderr, flush=True)
       eps = jax.jit(jax.vmap(functools.partial(clipjax.max_norm, p=p)))(x, d) / 2
       thunks = {
-          "sampled": _forced(p, x, d, eps, rb._rescale_module._ROW_ELEMENTS),
+          "sampled": _forced(p, x, d, eps, n),
           "cold": _forced(p, x, d, eps, math.inf),
           **rb._floor_thunks(x, d),
       }

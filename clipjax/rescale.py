@@ -212,8 +212,11 @@ def _leaves(box: _Box):
 # elementwise terms would be written out first, and a pass over a row of 4M
 # elements cost 1.1-1.5 streaming floors. The variadic first stage is fused
 # instead, so a pass reads its inputs once and writes an eighth of their size:
-# 0.4-0.5 of that floor (benchmarks/).
+# 0.4-0.5 of that floor (benchmarks/). Below _CHUNKED_MIN_ELEMENTS in all (one
+# row of 16384: 1.4-2x slower chunked) the extra operations cost more than the
+# writes they save, which stay in cache.
 _CHUNK = 8
+_CHUNKED_MIN_ELEMENTS = 1 << 15
 
 
 def _reduce(ops, operands, nb):
@@ -244,7 +247,7 @@ def _chunked_reduce(ops, nb, *operands):
   shape = jnp.shape(operands[0])
   rows = [jnp.reshape(v, shape[:nb] + (-1,)) for v in operands]
   q = rows[0].shape[-1] // _CHUNK
-  if q:
+  if q and math.prod(shape) >= _CHUNKED_MIN_ELEMENTS:
     combine = [lax.max if op is jnp.max else lax.add for op in ops]
     heads = [jnp.reshape(v[..., : q * _CHUNK], shape[:nb] + (q, _CHUNK)) for v in rows]
     # A lone operand is reduced twice: XLA:CPU would hand a single-operand

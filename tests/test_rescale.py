@@ -334,6 +334,40 @@ def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
     np.testing.assert_allclose(shared_bounds, [oracle.rescale(a, b, e, p) for a, b, e in zip(unit_x, d, eps)], rtol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+def test_chunked_reductions_match_oracle(monkeypatch, method):
+  """Row reductions in chunks of eight (forced onto short rows) stay exact.
+
+  Leaves shorter than a chunk, of exactly one, with a remainder, and 2-D;
+  unbatched and under vmap, with gradients for p = inf (whose solve is the
+  differentiated closed form).
+  """
+  monkeypatch.setattr(rescale_module, "_CHUNKED_MIN_ELEMENTS", 0)
+  rng = np.random.default_rng(21)
+  shapes = [(3,), (8,), (83,), (5, 13)]
+  flat = lambda v: np.concatenate([np.ravel(a) for a in v])
+  for p in [1.0, 2.5, math.inf]:
+    f = jax.jit(lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi, method=method))
+    jaxpr = str(jax.make_jaxpr(f)(*[[np.ones(s) for s in shapes]] * 2, 1.0, 0.0, 2.0))
+    assert " reduce[" in jaxpr  # the variadic first stage is there
+    rows = []
+    for i, fraction in enumerate([0.05, 0.5, 0.95, 1.2]):
+      leaves = [random_case(rng, math.prod(s), heavy=bool(i % 2), array_bounds=True) for s in shapes]
+      x, d, lo, hi = ([np.reshape(v, s) for v, s in zip(vs, shapes)] for vs in zip(*leaves))
+      eps = fraction * oracle.max_norm(flat(x), flat(d), p, flat(lo), flat(hi))
+      want = oracle.rescale(flat(x), flat(d), eps, p, flat(lo), flat(hi))
+      np.testing.assert_allclose(float(f(x, d, eps, lo, hi)), want, rtol=1e-10)
+      rows.append(((x, d, eps, lo, hi), want))
+    stacked = jax.tree.map(lambda *v: np.stack(v), *[r[0] for r in rows])
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(*stacked), [r[1] for r in rows], rtol=1e-10)
+    if p == math.inf and method == "newton":
+      x, d, eps, lo, hi = rows[1][0]
+      g = jax.grad(lambda e: f(x, d, e, lo, hi))(eps)
+      h = 1e-6 * eps
+      numeric = (oracle.rescale(flat(x), flat(d), eps + h, p, flat(lo), flat(hi)) - rows[1][1]) / h
+      np.testing.assert_allclose(g, numeric, rtol=1e-5)
+
+
 def test_sampled_warm_start_matches_oracle(monkeypatch):
   """Long rows start Newton from a strided sample's solution; the answers stay exact.
 
