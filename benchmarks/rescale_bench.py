@@ -124,7 +124,14 @@ def _floor_chunked(x, d):
   return jnp.sum(part) + jnp.sum(t[..., n:])  # whole, as in _floor_total
 
 
-_FLOORS = {"sum": _floor_sum, "reduce": _floor_reduce, "total": _floor_total, "chunked": _floor_chunked}
+def _floor_rows(x, d):
+  """``_floor_chunked`` on one row at a time (``lax.map``): batches too large for the
+  cache stream faster this way (clipjax solves rows of 2^17 and more so), and so
+  do many short rows, whose loop runs without the thread pool."""
+  return lax.map(lambda row: _floor_chunked(*row), (x, d))
+
+
+_FLOORS = {"sum": _floor_sum, "reduce": _floor_reduce, "total": _floor_total, "chunked": _floor_chunked, "rows": _floor_rows}
 
 
 def _floor_thunks(x, d):

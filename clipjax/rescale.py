@@ -10,10 +10,11 @@ Coordinate ``i`` has room ``s_i`` in the direction of ``delta_i`` and moves by
 With ``S = {i : r_i <= eta}`` the saturated set, the p-th power of the norm is
 ``Σ_S s_i^p + eta^p Σ_{not S} |delta_i|^p``: piecewise linear, non-decreasing and
 concave in ``v = eta^p``. All solvers share one scaled formulation of it: with
-``a_i = (|delta_i|/m)^p`` (``m`` at least the largest free ``|delta_i|``) and
-``b_i = (s_i/eps)^p``, solve ``Σ_S b_i + (eta·m/eps)^p Σ_{not S} a_i = 1``. The
-summed powers are at most one where it matters (``b_i <= 1`` on ``S`` below the
-solution), and ``m`` is refreshed whenever the free sum underflows, so float32
+``a_i = (|delta_i|/m)^p`` (``m = 1`` where the unscaled free sum is in range,
+else at least the largest free ``|delta_i|``) and ``b_i = (s_i/eps)^p``, solve
+``Σ_S b_i + (eta·m/eps)^p Σ_{not S} a_i = 1``. The summed ``b_i`` are at most
+one where it matters (``b_i <= 1`` on ``S`` below the solution), and ``m`` is
+refreshed whenever the free sum underflows, so float32
 neither overflows nor loses the dominant terms for large ``p`` or heavy tails;
 saturation itself is tested without powers, as ``s_i <= eta·|delta_i|``.
 """
@@ -209,12 +210,12 @@ def _leaves(box: _Box):
 # every _CHUNK consecutive elements, fused with the elementwise work that makes
 # them, then one library reduction of the partial results. XLA:CPU hands a
 # plain sum or max to YNNPACK, which reads its operand from memory: the
-# elementwise terms would be written out first, and a pass over a row of 4M
-# elements cost 1.1-1.5 streaming floors. The variadic first stage is fused
-# instead, so a pass reads its inputs once and writes an eighth of their size:
-# 0.4-0.5 of that floor (benchmarks/). Below _CHUNKED_MIN_ELEMENTS in all (one
-# row of 16384: 1.4-2x slower chunked) the extra operations cost more than the
-# writes they save, which stay in cache.
+# elementwise terms would be written out first, and a Newton pass over a row of
+# 4M elements took 1.1-1.5x a plain jnp.sum of one term per element. The
+# variadic first stage is fused instead, so a pass reads its inputs once and
+# writes an eighth of their size: 0.4-0.5x that sum. Below _CHUNKED_MIN_ELEMENTS
+# in all (one row of 16384: 1.4-2x slower chunked) the extra operations cost more
+# than the writes they save, which stay in cache.
 _CHUNK = 8
 _CHUNKED_MIN_ELEMENTS = 1 << 15
 
@@ -244,6 +245,7 @@ def _plain_reduce(ops, nb, *operands):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _chunked_reduce(ops, nb, *operands):
+  """``_plain_reduce`` in two stages (see ``_CHUNK``), on one device."""
   shape = jnp.shape(operands[0])
   rows = [jnp.reshape(v, shape[:nb] + (-1,)) for v in operands]
   q = rows[0].shape[-1] // _CHUNK
@@ -282,47 +284,49 @@ _TINY = 2.0**-60
 class _Scale(NamedTuple):
   """Per-row facts from the first pass over the data."""
 
-  m: jax.Array  # max |delta|
+  m: jax.Array  # a scale for the free sums: 1, or max |delta| where those need one
   beyond: jax.Array  # eps >= the largest reachable norm
   valid: jax.Array  # x and delta are finite and x lies inside the box
   start: jax.Array  # a first Newton iterate at or left of the solution (0 if none is trusted)
 
 
 def _first_pass(box: _Box, eps, p, nb, probe=None) -> _Scale:
-  """One pass: the scale ``m``, validity, whether eps is reachable, and a first step.
+  """One pass: validity, whether eps is reachable, a scale ``m`` and a first step.
 
   At ``eta = 0`` only coordinates without room are saturated (they contribute
   nothing), so the first Newton step is ``eps / (Σ_{s_i > 0} |delta_i|^p)^{1/p}``.
-  Its sum is taken unscaled, as ``m`` is not known yet; it is used only when it is
-  at least ``_TINY`` and finite, where the terms lost to underflow do not matter.
+  Its sum is taken unscaled. Where it is finite and at least ``_TINY`` the terms
+  lost to underflow do not matter, and neither can any later free sum overflow,
+  so the scale is ``m = 1``; elsewhere (all-zero ``delta``, or sums out of range)
+  a second pass takes ``m = max |delta_i|`` and the step is 0.
   With a ``probe`` ``(eta_0, m_0)`` (see ``_sample_probe``) the same pass also
   takes the sums at ``eta_0``, with the free terms scaled by ``m_0``; the root of
   the tangent of ``F(v)`` there lies at or left of the solution, because ``F`` is
   concave, and the first step is the larger of the two.
   """
-  m = total = free = sb = sa = 0.0
-  valid = True
+  total = free = bad = sb = sa = 0.0
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
     terms = [
-        ad,
         _outside(x, d, lo, hi),
         jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
         jnp.where(s > 0, _pow(ad, p), 0),
     ]
     if probe is not None:
       terms += _terms(s, ad, probe[0], eps, probe[1], p, nb)[:2]
-    top, bad, b, a, *at_probe = _reduce((jnp.max, jnp.max) + (jnp.sum,) * (len(terms) - 2), terms, nb)
-    m, total, free, valid = jnp.maximum(m, top), total + b, free + a, valid & (bad == 0)
+    outside, b, a, *at_probe = _reduce(jnp.sum, terms, nb)
+    bad, total, free = bad + outside, total + b, free + a
     if probe is not None:
       sb, sa = sb + at_probe[0], sa + at_probe[1]
   trusted = (free >= _TINY) & jnp.isfinite(free)
   start = jnp.where(trusted, eps / _root(jnp.where(trusted, free, 1), p), 0)
+  m = lax.cond(jnp.all(trusted), lambda: jnp.ones_like(free), lambda: _free_max(box, jnp.zeros_like(free), nb))
+  m = jnp.where(trusted, 1, m)
   if probe is not None:
     tangent = _piece_root(sb, sa, eps, probe[1], p)
-    # An m_0 far below m (heavy tails) can underflow or overflow the free sum.
+    # An m_0 far below the row's largest |delta_i| can overflow the free sum.
     trusted = (sa >= _TINY) & jnp.isfinite(sa) & jnp.isfinite(tangent)
     start = jnp.where(trusted, jnp.maximum(tangent, start), start)
-  return _Scale(m, total <= 1, valid, start)
+  return _Scale(m, total <= 1, bad == 0, start)
 
 
 def _terms(s, ad, eta, eps, m, p, nb):
@@ -339,7 +343,7 @@ def _stats(box: _Box, eta, eps, m, p, nb):
   """One pass: ``Σ_S b_i`` and ``Σ_{not S} a_i``.
 
   ``S = {i : s_i <= eta·|delta_i|}`` and ``a_i = (|delta_i| / m)^p``. Only sums:
-  adding a min or max to the same reduction doubles its cost on XLA:CPU.
+  a new scale is needed only when the free sum underflows (see ``_free_max``).
   """
   sb = sa = 0.0
   for s, ad in _leaves(box):
@@ -418,9 +422,10 @@ def _eta_newton(box, eps, sc, p, nb):
   current piece's extension, at or left of the solution; the iterates rise
   monotonically. A step that does not rise means the saturated set at ``eta``
   gives back ``eta`` itself: ``eta`` solves its own piece, exactly. The free
-  sum is scaled by ``m >= max_{not S} |delta_i|`` (the free set only shrinks);
-  when that scale has become too coarse (heavy tails, large p: the sum
-  underflows), an extra pass refreshes it and the step is retried.
+  sum is scaled by ``m`` (see ``_first_pass``); it cannot overflow, as the free
+  set only shrinks, and when the scale has become too coarse (heavy tails,
+  large p: the sum underflows), an extra pass sets ``m = max_{not S} |delta_i|``
+  and the step is retried.
   """
 
   def cond(carry):
