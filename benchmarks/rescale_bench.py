@@ -8,12 +8,13 @@ medians over repeats):
   with per-example eps;
 * ``sort``, ``bisect``: the same call with ``method="sort"`` / ``"bisect"``;
 * ``floor``: one fused streaming pass over the same ``(x, delta)``, the least any
-  exact solver must spend, timed in four forms that XLA:CPU compiles differently:
+  exact solver must spend, timed in five forms that XLA:CPU compiles differently:
   a ``jnp.sum`` per row, a plain ``lax.reduce`` per row, one ``jnp.sum`` over
-  the whole batch (per-row reductions of a few long rows run on one core), and
-  chunks of eight summed by a variadic ``lax.reduce`` fused with the elementwise
-  work, then summed whole (the form ``clipjax.rescale``'s passes use). Every
-  row's ``ratio`` is against the fastest of the four, named in ``floor_impl``;
+  the whole batch (per-row reductions of a few long rows run on one core), chunks
+  of eight summed by a variadic ``lax.reduce`` fused with the elementwise work,
+  then summed whole (the form ``clipjax.rescale``'s passes use), and those chunks
+  one row at a time. Every row's ``ratio`` is against the fastest, named in
+  ``floor_impl``;
 * ``bisect40``: 40 halvings of eta on ``[0, largest breakpoint]``, the iterative
   baseline the paper replaces (written here, vmapped);
 * ``numpy``: the paper's algorithm in float32 NumPy (sort the breakpoints,

@@ -593,10 +593,11 @@ def _eta_closed_form(box: _Box, eps, p, nb, eta_star, beyond):
 
 # On one CPU device, rows of at least _ROW_ELEMENTS elements are solved one at a
 # time: a row stays in cache through all of its passes and waits for no other row
-# (at 32 x 150528 and 32 x 4M, 1.6-2.6x faster than one lockstep solve). Shorter
-# rows are solved in lockstep groups of up to _GROUP_ELEMENTS elements, as the
-# loop's fixed cost per pass dominates them (lockstep was 1.2-2.7x faster than
-# rows one at a time for rows of 3072 to 65536 elements). Measured with benchmarks/.
+# (one lockstep solve took 0.97-1.9x as long at 32 x 4M, median 1.44, and
+# 0.70-1.6x at 32 x 150528, median 0.97). Shorter rows are solved in lockstep
+# groups of up to _GROUP_ELEMENTS elements, as the loop's fixed cost per pass
+# dominates them (rows one at a time took 1.5-3.1x as long at 128 x 3072; groups
+# of 4 to 64 rows 0.85-1.8x). Measured with benchmarks/.
 _ROW_ELEMENTS = 1 << 17
 _GROUP_ELEMENTS = 1 << 22
 
