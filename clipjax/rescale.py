@@ -297,8 +297,8 @@ def _first_pass(box: _Box, eps, p, nb, probe=None) -> _Scale:
   nothing), so the first Newton step is ``eps / (Σ_{s_i > 0} |delta_i|^p)^{1/p}``.
   Its sum is taken unscaled. Where it is finite and at least ``_TINY`` the terms
   lost to underflow do not matter, and neither can any later free sum overflow,
-  so the scale is ``m = 1``; elsewhere (all-zero ``delta``, or sums out of range)
-  a second pass takes ``m = max |delta_i|`` and the step is 0.
+  so the scale is ``m = 1``; elsewhere (nothing free, or sums out of range) a
+  second pass takes ``m = max_{s_i > 0} |delta_i|`` and the step is 0.
   With a ``probe`` ``(eta_0, m_0)`` (see ``_sample_probe``) the same pass also
   takes the sums at ``eta_0``, with the free terms scaled by ``m_0``; the root of
   the tangent of ``F(v)`` there lies at or left of the solution, because ``F`` is
