@@ -1,7 +1,7 @@
 """The benchmark suite: ``python -m benchmarks [--quick] [--only SUITES] [--out DIR]``.
 
-Runs the suites (``rescale``, ``sampling``, ``transforms``, ``privacy``, ``ghost``; all by
-default, or a comma-separated ``--only`` list), prints one table of medians and
+Runs the suites (``rescale``, ``sampling``, ``methods``, ``transforms``, ``privacy``,
+``ghost``; all by default, or a comma-separated ``--only`` list), prints one table of medians and
 ratios (each row's median over its own baseline, measured in the same process,
 interleaved), and writes ``DIR/<backend>[-quick].json`` (jax version, backend,
 device kind, date, all rows) and, with the rescale suite,
@@ -24,6 +24,7 @@ from benchmarks._timing import warm_up
 _SUITES = {
     "rescale": "benchmarks.rescale_bench",
     "sampling": "benchmarks.sampling_bench",
+    "methods": "benchmarks.methods_bench",
     "transforms": "benchmarks.transforms_bench",
     "privacy": "benchmarks.privacy_bench",
     "ghost": "benchmarks.ghost_bench",

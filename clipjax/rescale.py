@@ -539,10 +539,21 @@ def _eta_sort(box, eps, sc, p, nb):
 _SOLVERS = {"newton": _eta_newton, "bisect": _eta_bisect, "sort": _eta_sort}
 
 
-def _resolve_method(method: str) -> str:
-  # Measured on CPU (benchmarks/results): the active set beats the sort by two orders
-  # of magnitude. No GPU or TPU measurement exists yet, so every backend uses it.
-  return "newton" if method == "auto" else method
+# On one NVIDIA H200 the sort took 0.43-0.87x the active set's time on every row of
+# up to 16384 elements, and 1.3-3.2x from 65536 in batches of 32 (in between it
+# depends on the batch); on CPU the active set wins everywhere, by 9x to two orders
+# of magnitude (benchmarks/results/gpu-methods.json, cpu.json). TPUs are not
+# measured, and several devices keep the active set (the sort's reshape of a
+# sharded row needs an explicit sharding).
+_GPU_SORT_MAX_ROW = 1 << 14
+
+
+def _resolve_method(method: str, box: _Box) -> str:
+  if method != "auto":
+    return method
+  row = sum(math.prod(jnp.shape(x)) for x in box.xs)
+  gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+  return "sort" if gpu and row <= _GPU_SORT_MAX_ROW else "newton"
 
 
 # ---------------------------------------------------------------------------
@@ -727,8 +738,9 @@ def _eta_inf(box: _Box, eps, nb=0):
 def _rescale(x, delta, eps, p, lower, upper, method):
   """Shared by ``rescale`` and ``perturb``: (eta in the compute dtype, box, treedef, out dtype)."""
   p = _canonical_p(p)
-  method = _resolve_method(_check_method(method))
+  method = _check_method(method)
   box, treedef, compute, out = _prepare(x, delta, lower, upper)
+  method = _resolve_method(method, box)
   _check_values(box, eps)
   eps = jnp.asarray(eps, compute)
   if eps.ndim:
@@ -763,7 +775,8 @@ def rescale(x, delta, eps, *, p=2, lower=0.0, upper=1.0, method="auto") -> jax.A
     method: ``"newton"`` (exact active-set iteration, one pass over the data per
       step, with a bounded exact fallback), ``"sort"`` (the paper's sort and
       cumulative sums), ``"bisect"`` (bisection over the float bit patterns of
-      the scale, then one exact step) or ``"auto"`` (the fastest measured: newton).
+      the scale, then one exact step) or ``"auto"`` (the fastest measured:
+      the sort on a single GPU for up to 16384 elements, else newton).
       All are exact to float rounding; for ``p = inf`` all use the closed form.
 
   Returns:

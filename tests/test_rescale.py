@@ -227,6 +227,20 @@ def test_half_precision_computed_in_float32(dtype):
   np.testing.assert_allclose(float(eta), float(f32), rtol=1e-2)
 
 
+def test_auto_picks_the_measured_method(monkeypatch):
+  """auto: the sort on one GPU for rows up to _GPU_SORT_MAX_ROW, else newton."""
+  limit = rescale_module._GPU_SORT_MAX_ROW
+  box = lambda *shapes: rescale_module._prepare([np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes], 0.0, 1.0)[0]
+  resolve = rescale_module._resolve_method
+  assert resolve("auto", box((limit,))) == "newton"  # on this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve("auto", box((limit // 2,), (limit // 2,))) == "sort"  # the whole pytree counts
+  assert resolve("auto", box((limit // 2,), (limit // 2 + 1,))) == "newton"
+  assert resolve("bisect", box((8,))) == "bisect"
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  assert resolve("auto", box((8,))) == "newton"
+
+
 def test_newton_fallback_is_exact(monkeypatch):
   """Force the bounded fallback (bisection over bit patterns) after one or two passes."""
   rng = np.random.default_rng(3)
