@@ -220,59 +220,55 @@ _CHUNK = 8
 _CHUNKED_MIN_ELEMENTS = 1 << 15
 
 
-def _reduce(ops, operands, nb):
-  """Row reductions of several operands in one pass over them.
+def _reduce(op, operands, nb):
+  """Row reductions (``jnp.sum`` or ``jnp.max``) of several operands, in one pass.
 
-  ``ops`` is ``jnp.sum`` or ``jnp.max`` for all operands, or a tuple with one per
-  operand. The values are non-negative, so the max of an empty row is 0. Sums
-  keep float32 accurate: eight terms at a time, then a blocked library sum
-  (a single sequential loop would lose 2e-3 relative over 4M terms). With several
-  devices each reduction stays a plain one, which the partitioner splits into a
-  local reduction and an all-reduce.
+  The values are non-negative, so the max of an empty row is 0. Sums keep
+  float32 accurate: eight terms at a time, then a blocked library sum (a single
+  sequential loop would lose 2e-3 relative over 4M terms). With several devices
+  each reduction stays a plain one, which the partitioner splits into a local
+  reduction and an all-reduce.
   """
-  ops = ops if isinstance(ops, tuple) else (ops,) * len(operands)
   shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in operands))
   operands = [jnp.broadcast_to(v, shape) for v in operands]
   if jax.device_count() > 1:
-    return _plain_reduce(ops, nb, *operands)
-  return _chunked_reduce(ops, nb, *operands)
+    return _plain_reduce(op, nb, *operands)
+  return _chunked_reduce(op, nb, *operands)
 
 
-def _plain_reduce(ops, nb, *operands):
+def _plain_reduce(op, nb, *operands):
   axes = tuple(range(nb, jnp.ndim(operands[0])))
-  return tuple(op(v, axis=axes, **({"initial": 0.0} if op is jnp.max else {})) for op, v in zip(ops, operands))
+  kw = {"initial": 0.0} if op is jnp.max else {}
+  return tuple(op(v, axis=axes, **kw) for v in operands)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _chunked_reduce(ops, nb, *operands):
+def _chunked_reduce(op, nb, *operands):
   """``_plain_reduce`` in two stages (see ``_CHUNK``), on one device."""
   shape = jnp.shape(operands[0])
   rows = [jnp.reshape(v, shape[:nb] + (-1,)) for v in operands]
   q = rows[0].shape[-1] // _CHUNK
   if q and math.prod(shape) >= _CHUNKED_MIN_ELEMENTS:
-    combine = [lax.max if op is jnp.max else lax.add for op in ops]
+    combine = lax.max if op is jnp.max else lax.add
     heads = [jnp.reshape(v[..., : q * _CHUNK], shape[:nb] + (q, _CHUNK)) for v in rows]
     # A lone operand is reduced twice: XLA:CPU would hand a single-operand
     # reduction to YNNPACK, unfused.
-    twice = len(heads) == 1
-    heads, combine = heads * (1 + twice), combine * (1 + twice)
+    heads = heads * (2 if len(heads) == 1 else 1)
     zeros = [jnp.zeros((), v.dtype) for v in heads]
-    parts = lax.reduce(heads, zeros, lambda u, w: [f(a, b) for f, a, b in zip(combine, u, w)], (nb + 1,))
+    parts = lax.reduce(heads, zeros, lambda u, w: [combine(a, b) for a, b in zip(u, w)], (nb + 1,))
     rows = [jnp.concatenate([part, v[..., q * _CHUNK :]], axis=-1) for part, v in zip(parts, rows)]
-  sums = [i for i, op in enumerate(ops) if op is jnp.sum]
+  if op is jnp.max:
+    return tuple(jnp.max(v, axis=-1, initial=0.0) for v in rows)
   # Stacked, the sums are one library reduction.
-  totals = jnp.sum(jnp.stack([rows[i] for i in sums], axis=nb), axis=-1) if sums else None
-  return tuple(
-      totals[..., sums.index(i)] if op is jnp.sum else jnp.max(v, axis=-1, initial=0.0)
-      for i, (op, v) in enumerate(zip(ops, rows))
-  )
+  totals = jnp.sum(jnp.stack(rows, axis=nb), axis=-1)
+  return tuple(totals[..., i] for i in range(len(rows)))
 
 
 @_chunked_reduce.defjvp
-def _chunked_reduce_jvp(ops, nb, primals, tangents):
+def _chunked_reduce_jvp(op, nb, primals, tangents):
   # The variadic reduce has no derivative rule; the plain reductions give the same one.
-  _, t = jax.jvp(functools.partial(_plain_reduce, ops, nb), primals, tangents)
-  return _chunked_reduce(ops, nb, *primals), t
+  _, t = jax.jvp(functools.partial(_plain_reduce, op, nb), primals, tangents)
+  return _chunked_reduce(op, nb, *primals), t
 
 
 # The free sum is trusted when it is at least this: its largest term is then at
@@ -376,9 +372,9 @@ def _piece_root(sb, sa, eps, m, p):
 # the benchmark's data that leaves two or three Newton passes after the first
 # pass (which takes the tangent), against two to seven from the cold start.
 # The sample's own solve has a fixed cost (its loop) that rows shorter than this
-# do not earn back (benchmarks/sampling_bench.py, sampled over cold start:
-# 1.0-1.3x at 3072 and 16384 elements, 0.9-1.1x at 65536, 0.7-1.0x at 150528
-# and up).
+# do not earn back (benchmarks/sampling_bench.py, sampled over cold start in
+# the recorded run: 0.90-1.33x at 32 x 16384, 0.76-1.12x at 32 x 65536,
+# 0.62-0.92x at 32 x 150528, 0.40-0.99x at 1 x 4M).
 _SAMPLE_STRIDE = 256
 _SAMPLE_MIN_ROW = 1 << 17
 
