@@ -42,9 +42,8 @@ def run(quick: bool) -> list[dict]:
     eps = jax.jit(jax.vmap(functools.partial(clipjax.max_norm, p=2.0)))(x, d) / 2
     thunks = {m: rb._compiled(rb._vmapped(2.0, m), x, d, eps) for m in ("newton", "sort")}
     medians, _ = interleaved_medians({**thunks, **rb._floor_thunks(x, d)}, grid["repeats"])
-    point = rb._rows(medians, batch, n, 2.0, kind, grid["repeats"])
+    point = rb._rows(medians, batch, n, 2.0, kind, grid["repeats"], suite="methods")
     for row in point:
-      row["name"] = row["name"].replace("rescale/", "methods/", 1)
       if row["method"] == "sort":
         row["ratio_vs_newton"] = row["median_s"] / medians["newton"]
     rows += point

@@ -241,8 +241,9 @@ def _candidates(p, x, d, eps, host, extras):
   return thunks
 
 
-def _rows(medians, batch, n, p, kind, repeats):
-  """One row per candidate; ratios are medians over the floor's (and sort's, NumPy's)."""
+def _rows(medians, batch, n, p, kind, repeats, suite="rescale"):
+  """One row per candidate, named ``<suite>/<method>/...``; ratios are medians over
+  the floor's (and sort's, NumPy's)."""
   floors = {m: medians.pop(f"floor_{m}") for m in _FLOORS}
   floor_impl = min(floors, key=floors.get)
   medians["floor"] = floors[floor_impl]
@@ -251,7 +252,7 @@ def _rows(medians, batch, n, p, kind, repeats):
     if method == "floor":
       continue
     row = {
-        "name": f"rescale/{method}/p{_p_name(p)}/{kind}/{batch}x{n}",
+        "name": f"{suite}/{method}/p{_p_name(p)}/{kind}/{batch}x{n}",
         "method": method,
         "p": _p_name(p),
         "kind": kind,

@@ -65,9 +65,8 @@ def run(quick: bool) -> list[dict]:
           **rb._floor_thunks(x, d),
       }
       medians, outputs = interleaved_medians(thunks, grid["repeats"])
-      point = rb._rows(medians, batch, n, p, kind, grid["repeats"])
+      point = rb._rows(medians, batch, n, p, kind, grid["repeats"], suite="sampling")
       for row in point:
-        row["name"] = row["name"].replace("rescale/", "sampling/", 1)
         if row["method"] == "sampled":
           row["ratio_vs_cold"] = row["median_s"] / medians["cold"]
           cold = np.asarray(outputs["cold"])
