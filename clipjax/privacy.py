@@ -539,8 +539,9 @@ def adaptive_dp_aggregate(
     summed, norms = _clipped_sum(
         updates, clip_norm, 2.0, pre_clip_noise, perturb_key
     )
-    # A Python z = 0 skips the draw; a traced one adds z_Δ = 0 times it.
-    stddev = _noise_stddev(noise_multiplier, sum_multiplier * clip_norm)
+    # The sum's noise is z_Δ·C alone (z_Δ already stands for z); a Python
+    # z = 0 skips the draw, a traced one adds z_Δ = 0 times it.
+    stddev = 0.0 if _is_static_zero(noise_multiplier) else sum_multiplier * clip_norm
     updates = _noisy_mean(summed, stddev, batch_size, noise_key)
 
     unclipped = jnp.sum(norms <= clip_norm).astype(clip_norm.dtype)
