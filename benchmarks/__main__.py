@@ -22,12 +22,12 @@ import jax
 from benchmarks._timing import warm_up
 
 _SUITES = {
-    "rescale": "benchmarks.rescale_bench",
-    "sampling": "benchmarks.sampling_bench",
-    "methods": "benchmarks.methods_bench",
-    "transforms": "benchmarks.transforms_bench",
-    "privacy": "benchmarks.privacy_bench",
-    "ghost": "benchmarks.ghost_bench",
+  "rescale": "benchmarks.rescale_bench",
+  "sampling": "benchmarks.sampling_bench",
+  "methods": "benchmarks.methods_bench",
+  "transforms": "benchmarks.transforms_bench",
+  "privacy": "benchmarks.privacy_bench",
+  "ghost": "benchmarks.ghost_bench",
 }
 
 
@@ -48,8 +48,8 @@ def _print_table(rows):
   print(f"{'name':52s} {'median ms':>10s} {'baseline':>30s} {'base ms':>9s} {'ratio':>7s}")
   for r in rows:
     print(
-        f"{r['name']:52s} {1e3 * r['median_s']:10.3f} {r['baseline'][-30:]:>30s} "
-        f"{1e3 * r['baseline_median_s']:9.3f} {r['ratio']:7.2f}"
+      f"{r['name']:52s} {1e3 * r['median_s']:10.3f} {r['baseline'][-30:]:>30s} "
+      f"{1e3 * r['baseline_median_s']:9.3f} {r['ratio']:7.2f}"
     )
 
 
@@ -65,19 +65,21 @@ def main(argv):
   stem = os.path.join(args.out, backend + ("-quick" if args.quick else ""))
   os.makedirs(args.out, exist_ok=True)
   record = {
-      "jax_version": jax.__version__,
-      "backend": backend,
-      "device_kind": jax.devices()[0].device_kind,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-      "quick": args.quick,
-      "suites": args.only,
-      "rows": rows,
+    "jax_version": jax.__version__,
+    "backend": backend,
+    "device_kind": jax.devices()[0].device_kind,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    "quick": args.quick,
+    "suites": args.only,
+    "rows": rows,
   }
   with open(stem + ".json", "w") as f:
     json.dump(record, f, indent=1, allow_nan=False)
   if "rescale" in args.only:
-    importlib.import_module(_SUITES["rescale"]).plot([r for r in rows if r["suite"] == "rescale"], stem + "-rescale.png")
+    importlib.import_module(_SUITES["rescale"]).plot(
+      [r for r in rows if r["suite"] == "rescale"], stem + "-rescale.png"
+    )
   print(f"wrote {stem}.json", file=sys.stderr)
 
 

@@ -53,8 +53,7 @@ def interleaved_medians(thunks: dict, repeats: int) -> tuple[dict[str, float], d
   """
   firsts = {name: _first_call(thunk) for name, thunk in thunks.items()}
   numbers = {
-      name: max(1, min(50, int(_TARGET_SAMPLE_S / seconds)))
-      for name, (_, seconds) in firsts.items()
+    name: max(1, min(50, int(_TARGET_SAMPLE_S / seconds))) for name, (_, seconds) in firsts.items()
   }
   samples = {name: [] for name in thunks}
   names = list(thunks)

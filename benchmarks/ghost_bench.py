@@ -26,11 +26,11 @@ _CLIP_NORM = 1.0
 def _init(rng, sizes):
   # NumPy, not jax.random: eager JAX ops would each compile, which quick mode can't afford.
   return [
-      (
-          jnp.asarray(rng.standard_normal((m, n)) / np.sqrt(m), jnp.float32),
-          jnp.zeros((n,), jnp.float32),
-      )
-      for m, n in zip(sizes[:-1], sizes[1:])
+    (
+      jnp.asarray(rng.standard_normal((m, n)) / np.sqrt(m), jnp.float32),
+      jnp.zeros((n,), jnp.float32),
+    )
+    for m, n in zip(sizes[:-1], sizes[1:])
   ]
 
 
@@ -57,9 +57,9 @@ def _per_example_clipped(params, x, y):
 
 def _candidates():
   return {
-      "grad": jax.jit(_summed_grad),
-      "vmap_grad_clip": jax.jit(_per_example_clipped),
-      "clipped_grad": jax.jit(clipjax.clipped_grad(_loss, _CLIP_NORM)),
+    "grad": jax.jit(_summed_grad),
+    "vmap_grad_clip": jax.jit(_per_example_clipped),
+    "clipped_grad": jax.jit(clipjax.clipped_grad(_loss, _CLIP_NORM)),
   }
 
 
@@ -91,18 +91,18 @@ def _bench_model(name, sizes, batch, repeats):
   rows = []
   for c, median in medians.items():
     rows.append(
-        {
-            "name": f"{name}/{c}",
-            "model": name,
-            "candidate": c,
-            "batch": batch,
-            "repeats": repeats,
-            "baseline": f"{name}/grad",
-            "median_s": median,
-            "baseline_median_s": medians["grad"],
-            "ratio": median / medians["grad"],
-            "ratio_vs_per_example": median / medians["vmap_grad_clip"],
-        }
+      {
+        "name": f"{name}/{c}",
+        "model": name,
+        "candidate": c,
+        "batch": batch,
+        "repeats": repeats,
+        "baseline": f"{name}/grad",
+        "median_s": median,
+        "baseline_median_s": medians["grad"],
+        "ratio": median / medians["grad"],
+        "ratio_vs_per_example": median / medians["vmap_grad_clip"],
+      }
     )
   return rows
 
@@ -131,8 +131,8 @@ def _main(argv):
   print(f"{'name':42s} {'batch':>5s} {'median ms':>10s} {'vs grad':>8s} {'vs per-ex':>9s}")
   for r in rows:
     print(
-        f"{r['name']:42s} {r['batch']:5d} {1e3 * r['median_s']:10.3f} "
-        f"{r['ratio']:8.2f} {r['ratio_vs_per_example']:9.3f}"
+      f"{r['name']:42s} {r['batch']:5d} {1e3 * r['median_s']:10.3f} "
+      f"{r['ratio']:8.2f} {r['ratio_vs_per_example']:9.3f}"
     )
 
 

@@ -25,8 +25,8 @@ import clipjax
 
 # name: (batch size, layer sizes of the MLP whose per-example gradients are fed)
 _FULL = {
-    "mlp_784_1024_256_10_b256": (256, (784, 1024, 256, 10)),
-    "mlp_12x64_b256": (256, (64,) * 12),
+  "mlp_784_1024_256_10_b256": (256, (784, 1024, 256, 10)),
+  "mlp_12x64_b256": (256, (64,) * 12),
 }
 _QUICK = {"mlp_256_256_128_10_b64": (64, (256, 256, 128, 10))}
 _CLIP_NORM = 1.0
@@ -39,10 +39,12 @@ def _per_example_grads(batch, sizes):
   grads = []
   for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
     kw, kb = jax.random.split(jax.random.fold_in(key, i))
-    grads.append({
+    grads.append(
+      {
         "w": jax.random.normal(kw, (batch, m, n), jnp.float32) / np.sqrt(m),
         "b": jax.random.normal(kb, (batch, n), jnp.float32),
-    })
+      }
+    )
   return grads
 
 
@@ -64,13 +66,11 @@ def run(quick: bool) -> list[dict]:
   rows = []
   for name, (batch, sizes) in configs.items():
     grads = _per_example_grads(batch, sizes)
-    candidate = _step(
-        clipjax.dp_aggregate(_CLIP_NORM, _NOISE_MULTIPLIER, jax.random.key(1))
-    )
+    candidate = _step(clipjax.dp_aggregate(_CLIP_NORM, _NOISE_MULTIPLIER, jax.random.key(1)))
     baseline = _step(
-        optax.contrib.differentially_private_aggregate(
-            _CLIP_NORM, _NOISE_MULTIPLIER, jax.random.key(1)
-        )
+      optax.contrib.differentially_private_aggregate(
+        _CLIP_NORM, _NOISE_MULTIPLIER, jax.random.key(1)
+      )
     )
     for fn in (candidate, baseline):  # compile and warm up
       _time(fn, grads)
@@ -81,7 +81,8 @@ def run(quick: bool) -> list[dict]:
         times[fn].append(_time(fn, grads))
     median = float(np.median(times[candidate]))
     baseline_median = float(np.median(times[baseline]))
-    rows.append({
+    rows.append(
+      {
         "name": f"dp_aggregate/{name}",
         "baseline": "optax.contrib.differentially_private_aggregate",
         "batch": batch,
@@ -90,18 +91,20 @@ def run(quick: bool) -> list[dict]:
         "median_s": median,
         "baseline_median_s": baseline_median,
         "ratio": median / baseline_median,
-    })
+      }
+    )
     del grads
   return rows
 
 
 def _print_table(rows):
-  print(f"{'name':42s} {'batch':>5s} {'params':>9s} {'clipjax':>10s} "
-        f"{'optax':>10s} {'ratio':>6s}")
+  print(f"{'name':42s} {'batch':>5s} {'params':>9s} {'clipjax':>10s} {'optax':>10s} {'ratio':>6s}")
   for row in rows:
-    print(f"{row['name']:42s} {row['batch']:5d} {row['params']:9d} "
-          f"{row['median_s'] * 1e3:8.1f}ms {row['baseline_median_s'] * 1e3:8.1f}ms "
-          f"{row['ratio']:6.2f}")
+    print(
+      f"{row['name']:42s} {row['batch']:5d} {row['params']:9d} "
+      f"{row['median_s'] * 1e3:8.1f}ms {row['baseline_median_s'] * 1e3:8.1f}ms "
+      f"{row['ratio']:6.2f}"
+    )
 
 
 if __name__ == "__main__":

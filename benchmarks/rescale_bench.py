@@ -59,25 +59,26 @@ _rescale_module = importlib.import_module("clipjax.rescale")
 _KINDS = ("uniform", "sparse", "sign", "heavy")
 # (batch, n, data kinds) points of the grid.
 _FULL = {
-    "points": [
-        (b, n, _KINDS) for b, n in itertools.product((1, 32, 128), (3072, 150528, 4_000_000))
-        if (b, n) != (128, 4_000_000)
-    ],
-    "ps": (1.0, 2.0, math.inf),
-    "repeats": 5,
+  "points": [
+    (b, n, _KINDS)
+    for b, n in itertools.product((1, 32, 128), (3072, 150528, 4_000_000))
+    if (b, n) != (128, 4_000_000)
+  ],
+  "ps": (1.0, 2.0, math.inf),
+  "repeats": 5,
 }
 # The sort alone takes ~10 s at 32 × 150528, so quick mode runs one kind there.
 _QUICK = {
-    "points": [(1, 3072, ("uniform", "sparse")), (32, 150528, ("uniform",))],
-    "ps": (2.0, math.inf),
-    "repeats": 3,
+  "points": [(1, 3072, ("uniform", "sparse")), (32, 150528, ("uniform",))],
+  "ps": (2.0, math.inf),
+  "repeats": 3,
 }
 # The full grid's sizes on an accelerator, with two kinds and p = 2 only, so that it
 # fits the few minutes a lent GPU gives (compiling dominates there).
 _ACCELERATOR = {
-    "points": [(b, n, ("uniform", "heavy")) for b, n, _ in _FULL["points"]],
-    "ps": (2.0,),
-    "repeats": 5,
+  "points": [(b, n, ("uniform", "heavy")) for b, n, _ in _FULL["points"]],
+  "ps": (2.0,),
+  "repeats": 5,
 }
 # 32 × 150528 (ImageNet-sized rows): the sort takes ~2 s a call here on CPU.
 _COMPARE_MAX_ELEMENTS = 32 * 150528
@@ -128,7 +129,9 @@ def _floor_chunked(x, d):
   t = jnp.where(d >= 0, 1 - x, x) * jnp.abs(d)
   n = t.shape[-1] // 8 * 8
   chunks = t[..., :n].reshape(t.shape[:-1] + (-1, 8))
-  part, _ = lax.reduce((chunks, chunks), (0.0, 0.0), lambda u, v: (u[0] + v[0], u[1] + v[1]), (t.ndim,))
+  part, _ = lax.reduce(
+    (chunks, chunks), (0.0, 0.0), lambda u, v: (u[0] + v[0], u[1] + v[1]), (t.ndim,)
+  )
   return jnp.sum(part) + jnp.sum(t[..., n:])  # whole, as in _floor_total
 
 
@@ -139,7 +142,13 @@ def _floor_rows(x, d):
   return lax.map(lambda row: _floor_chunked(*row), (x, d))
 
 
-_FLOORS = {"sum": _floor_sum, "reduce": _floor_reduce, "total": _floor_total, "chunked": _floor_chunked, "rows": _floor_rows}
+_FLOORS = {
+  "sum": _floor_sum,
+  "reduce": _floor_reduce,
+  "total": _floor_total,
+  "chunked": _floor_chunked,
+  "rows": _floor_rows,
+}
 
 
 def _floor_thunks(x, d):
@@ -224,8 +233,8 @@ def _candidates(p, x, d, eps, host, extras):
   finite = p != math.inf
   compare = x.size <= _COMPARE_MAX_ELEMENTS
   thunks = {
-      "auto": _compiled(_vmapped(p, "auto"), x, d, eps),
-      **_floor_thunks(x, d),
+    "auto": _compiled(_vmapped(p, "auto"), x, d, eps),
+    **_floor_thunks(x, d),
   }
   if compare and finite:
     thunks["sort"] = _compiled(_vmapped(p, "sort"), x, d, eps)
@@ -252,19 +261,19 @@ def _rows(medians, batch, n, p, kind, repeats, suite="rescale"):
     if method == "floor":
       continue
     row = {
-        "name": f"{suite}/{method}/p{_p_name(p)}/{kind}/{batch}x{n}",
-        "method": method,
-        "p": _p_name(p),
-        "kind": kind,
-        "batch": batch,
-        "n": n,
-        "repeats": repeats,
-        "median_s": median,
-        "baseline": "floor",
-        "baseline_median_s": medians["floor"],
-        "floor_impl": floor_impl,
-        **{f"floor_{m}_s": t for m, t in floors.items()},
-        "ratio": median / medians["floor"],
+      "name": f"{suite}/{method}/p{_p_name(p)}/{kind}/{batch}x{n}",
+      "method": method,
+      "p": _p_name(p),
+      "kind": kind,
+      "batch": batch,
+      "n": n,
+      "repeats": repeats,
+      "median_s": median,
+      "baseline": "floor",
+      "baseline_median_s": medians["floor"],
+      "floor_impl": floor_impl,
+      **{f"floor_{m}_s": t for m, t in floors.items()},
+      "ratio": median / medians["floor"],
     }
     for other in ("sort", "numpy", "bisect40"):
       if other in medians and other != method:
@@ -286,7 +295,9 @@ def _grid_point(x, d, eps_host, host, batch, n, p, kind, repeats, extras):
   reference = np.asarray(outputs["auto"])
   for row in rows:
     out = np.asarray([np.asarray(v) for v in outputs[row["method"]]]).reshape(reference.shape)
-    row["max_rel_diff_vs_auto"] = float(np.max(np.abs(out - reference) / np.maximum(reference, 1e-30)))
+    row["max_rel_diff_vs_auto"] = float(
+      np.max(np.abs(out - reference) / np.maximum(reference, 1e-30))
+    )
   return rows
 
 
@@ -344,7 +355,9 @@ def plot(rows: list[dict], path: str) -> None:
       pts = sorted((r["n"], r["median_s"]) for r in picked if r["p"] == p and r["method"] == method)
       if pts:
         style = "--" if method == "floor" else "-"
-        ax.plot(*zip(*pts), style, marker="o", color=colours[method], label=labels.get(method, method))
+        ax.plot(
+          *zip(*pts), style, marker="o", color=colours[method], label=labels.get(method, method)
+        )
     ax.set(xscale="log", yscale="log", xlabel="vector size n", title=f"p = {p}")
     ax.grid(True, which="both", alpha=0.3)
   axes[0][0].set_ylabel("median seconds per call, batch 32")

@@ -29,10 +29,10 @@ from benchmarks import rescale_bench as rb
 from benchmarks._timing import interleaved_medians
 
 _FULL = {
-    "points": [(32, 1 << 14), (32, 1 << 16), (32, 150528), (1, 4_000_000)],
-    "kinds": rb._KINDS,
-    "ps": (1.0, 2.0),
-    "repeats": 5,
+  "points": [(32, 1 << 14), (32, 1 << 16), (32, 150528), (1, 4_000_000)],
+  "kinds": rb._KINDS,
+  "ps": (1.0, 2.0),
+  "repeats": 5,
 }
 _QUICK = {"points": [(32, 150528)], "kinds": ("heavy",), "ps": (2.0,), "repeats": 3}
 
@@ -60,9 +60,9 @@ def run(quick: bool) -> list[dict]:
       print(f"  sampling {batch}x{n} {kind} p={rb._p_name(p)}", file=sys.stderr, flush=True)
       eps = jax.jit(jax.vmap(functools.partial(clipjax.max_norm, p=p)))(x, d) / 2
       thunks = {
-          "sampled": _forced(p, x, d, eps, n),
-          "cold": _forced(p, x, d, eps, math.inf),
-          **rb._floor_thunks(x, d),
+        "sampled": _forced(p, x, d, eps, n),
+        "cold": _forced(p, x, d, eps, math.inf),
+        **rb._floor_thunks(x, d),
       }
       medians, outputs = interleaved_medians(thunks, grid["repeats"])
       point = rb._rows(medians, batch, n, p, kind, grid["repeats"], suite="sampling")
@@ -70,7 +70,9 @@ def run(quick: bool) -> list[dict]:
         if row["method"] == "sampled":
           row["ratio_vs_cold"] = row["median_s"] / medians["cold"]
           cold = np.asarray(outputs["cold"])
-          row["max_rel_diff_vs_cold"] = float(np.max(np.abs(np.asarray(outputs["sampled"]) - cold) / cold))
+          row["max_rel_diff_vs_cold"] = float(
+            np.max(np.abs(np.asarray(outputs["sampled"]) - cold) / cold)
+          )
       rows += point
     del x, d
   return rows

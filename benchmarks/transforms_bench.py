@@ -48,12 +48,13 @@ def run(quick: bool) -> list[dict]:
   repeats = 5 if quick else 15
   params, updates = _tree(_SHAPES)
   thunks = {
-      "clipping_aware_normalize": _thunk(clipjax.clipping_aware_normalize(_NORM), updates, params),
-      "clip_by_global_norm": _thunk(optax.clip_by_global_norm(_NORM), updates, params),
+    "clipping_aware_normalize": _thunk(clipjax.clipping_aware_normalize(_NORM), updates, params),
+    "clip_by_global_norm": _thunk(optax.clip_by_global_norm(_NORM), updates, params),
   }
   medians, outputs = interleaved_medians(thunks, repeats)
   reached = float(optax.tree.norm(outputs["clipping_aware_normalize"]))
-  return [{
+  return [
+    {
       "name": "transforms/clipping_aware_normalize",
       "baseline": "optax.clip_by_global_norm",
       "params": sum(v.size for v in jax.tree.leaves(params)),
@@ -62,4 +63,5 @@ def run(quick: bool) -> list[dict]:
       "baseline_median_s": medians["clip_by_global_norm"],
       "ratio": medians["clipping_aware_normalize"] / medians["clip_by_global_norm"],
       "step_norm": reached,
-  }]
+    }
+  ]

@@ -1,43 +1,43 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
-from clipjax.rescale import max_norm, rescale
-from clipjax.perturbation import perturb, random_perturbation
-from clipjax.projection import project_ball_box
-from clipjax.transforms import clip_by_norm, clipping_aware_normalize
-from clipjax.privacy import (
-    AdaptiveDPAggregateState,
-    ClippingStats,
-    DPAggregateState,
-    DPNoiseState,
-    adaptive_dp_aggregate,
-    clipping_stats,
-    dp_aggregate,
-    dp_noise,
-    per_example_clip,
-)
 from clipjax.accounting import calibrate_noise, dp_epsilon
 from clipjax.ghost import clipped_grad
+from clipjax.perturbation import perturb, random_perturbation
+from clipjax.privacy import (
+  AdaptiveDPAggregateState,
+  ClippingStats,
+  DPAggregateState,
+  DPNoiseState,
+  adaptive_dp_aggregate,
+  clipping_stats,
+  dp_aggregate,
+  dp_noise,
+  per_example_clip,
+)
+from clipjax.projection import project_ball_box
+from clipjax.rescale import max_norm, rescale
+from clipjax.transforms import clip_by_norm, clipping_aware_normalize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveDPAggregateState",
-    "ClippingStats",
-    "DPAggregateState",
-    "DPNoiseState",
-    "adaptive_dp_aggregate",
-    "calibrate_noise",
-    "clip_by_norm",
-    "clipped_grad",
-    "clipping_aware_normalize",
-    "clipping_stats",
-    "dp_aggregate",
-    "dp_epsilon",
-    "dp_noise",
-    "max_norm",
-    "per_example_clip",
-    "perturb",
-    "project_ball_box",
-    "random_perturbation",
-    "rescale",
+  "AdaptiveDPAggregateState",
+  "ClippingStats",
+  "DPAggregateState",
+  "DPNoiseState",
+  "adaptive_dp_aggregate",
+  "calibrate_noise",
+  "clip_by_norm",
+  "clipped_grad",
+  "clipping_aware_normalize",
+  "clipping_stats",
+  "dp_aggregate",
+  "dp_epsilon",
+  "dp_noise",
+  "max_norm",
+  "per_example_clip",
+  "perturb",
+  "project_ball_box",
+  "random_perturbation",
+  "rescale",
 ]

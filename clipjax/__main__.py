@@ -29,7 +29,7 @@ def compare_norms(x, delta):
   rows = []
   for p, eps in TARGETS.items():
     naive = jnp.clip(x + eps * delta / _norms(delta, p)[:, None, None], 0, 1)
-    exact = jax.jit(jax.vmap(lambda x, d: clipjax.perturb(x, d, eps, p=p)))(x, delta)
+    exact = jax.jit(jax.vmap(lambda x, d, eps=eps, p=p: clipjax.perturb(x, d, eps, p=p)))(x, delta)
     rows.append((p, eps, _norms(naive - x, p), _norms(exact - x, p)))
   return rows
 
@@ -58,12 +58,16 @@ def time_methods(shape, repeats):
   floor = jax.jit(lambda x, d, e: jnp.sum(jnp.where(d >= 0, 1 - x, x) * jnp.abs(d)) * e)
   candidates = {"one fused pass (floor)": floor}
   for method in ("newton", "sort", "bisect"):
-    candidates[method] = jax.jit(jax.vmap(lambda x, d, e, m=method: clipjax.rescale(x, d, e, method=m)))
+    candidates[method] = jax.jit(
+      jax.vmap(lambda x, d, e, m=method: clipjax.rescale(x, d, e, method=m))
+    )
   return _median_times(candidates, (x, d, eps), repeats)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
   args = parser.parse_args(argv)
@@ -71,13 +75,14 @@ def main(argv=None):
   kx, kd = jax.random.split(jax.random.key(0))
   x = jax.random.uniform(kx, (args.batch, 28, 28))
   delta = jax.random.normal(kd, (args.batch, 28, 28))
-  print(f"clipjax {clipjax.__version__} on {jax.default_backend()}: {args.batch} inputs of 28x28 in [0, 1]\n")
+  backend = jax.default_backend()
+  print(f"clipjax {clipjax.__version__} on {backend}: {args.batch} inputs of 28x28 in [0, 1]\n")
   print("norm of clip(x + eta*delta) - x over the batch (min .. max)")
   print(f"{'p':>4} {'target':>7}   {'naive rescale, then clip':>26}   {'clipjax.perturb':>22}")
   for p, eps, naive, exact in compare_norms(x, delta):
     print(
-        f"{p:>4} {eps:>7.3g}   {float(naive.min()):>12.4f} .. {float(naive.max()):<9.4f}"
-        f"   {float(exact.min()):>9.4f} .. {float(exact.max()):<9.4f}"
+      f"{p:>4} {eps:>7.3g}   {float(naive.min()):>12.4f} .. {float(naive.max()):<9.4f}"
+      f"   {float(exact.min()):>9.4f} .. {float(exact.max()):<9.4f}"
     )
 
   sizes = [(8, 784)] if args.quick else [(args.batch, 784), (args.batch, 3 * 224 * 224)]
@@ -88,8 +93,8 @@ def main(argv=None):
     cells = "   ".join(f"{k} {v * 1e3:.2f} ms ({v / floor:.1f}x)" for k, v in times.items())
     print(f"  {shape[0]} x {shape[1]}: {cells}")
   print(
-      "\nmethod='auto' is newton, or the sort on a single GPU for up to 16384 elements;"
-      " every method is exact to float rounding."
+    "\nmethod='auto' is newton, or the sort on a single GPU for up to 16384 elements;"
+    " every method is exact to float rounding."
   )
 
 

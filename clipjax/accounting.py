@@ -18,9 +18,7 @@ the privacy-loss-distribution accountant's.
 import math
 import numbers
 
-_INSTALL_HINT = (
-    'clipjax.accounting needs the dp_accounting package: pip install "clipjax[privacy]"'
-)
+_INSTALL_HINT = 'clipjax.accounting needs the dp_accounting package: pip install "clipjax[privacy]"'
 
 # calibrate_noise stops bisecting when the bracket is this narrow relative to
 # its upper end, so the returned σ is within 0.01% of the smallest valid one.
@@ -39,11 +37,7 @@ def _dp_accounting():
 def _check_args(sample_rate, steps, delta) -> None:
   if not 0 < sample_rate <= 1:
     raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
-  if (
-      isinstance(steps, bool)
-      or not isinstance(steps, numbers.Integral)
-      or steps < 1
-  ):
+  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps!r}.")
   if not 0 < delta < 1:
     raise ValueError(f"delta must be in (0, 1), got {delta!r}.")
@@ -51,19 +45,17 @@ def _check_args(sample_rate, steps, delta) -> None:
 
 def _epsilon(dp_accounting, noise_multiplier, sample_rate, steps, delta):
   event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(
-          sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-      ),
-      int(steps),
+    dp_accounting.PoissonSampledDpEvent(
+      sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+    ),
+    int(steps),
   )
   accountant = dp_accounting.rdp.RdpAccountant()
   accountant.compose(event)
   return float(accountant.get_epsilon(delta))
 
 
-def dp_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float
-) -> float:
+def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
   """Returns the ε that DP-SGD spends, by the RDP accountant.
 
   Args:
@@ -93,17 +85,13 @@ def dp_epsilon(
     Gaussian Mechanism <https://arxiv.org/abs/1908.10530>`_, 2019.
   """
   if not noise_multiplier >= 0:
-    raise ValueError(
-        f"noise_multiplier must be >= 0, got {noise_multiplier!r}."
-    )
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}.")
   _check_args(sample_rate, steps, delta)
   dp_accounting = _dp_accounting()
   return _epsilon(dp_accounting, noise_multiplier, sample_rate, steps, delta)
 
 
-def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
   """Returns the smallest noise multiplier whose ε (RDP) meets the target.
 
   ε is decreasing in σ, so σ is found by bisection: double an upper bound
@@ -133,23 +121,19 @@ def calibrate_noise(
     True
   """
   if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-    raise ValueError(
-        f"target_epsilon must be > 0 and finite, got {target_epsilon!r}."
-    )
+    raise ValueError(f"target_epsilon must be > 0 and finite, got {target_epsilon!r}.")
   _check_args(sample_rate, steps, delta)
   dp_accounting = _dp_accounting()
 
   def meets(sigma):
-    return _epsilon(dp_accounting, sigma, sample_rate, steps, delta) <= (
-        target_epsilon
-    )
+    return _epsilon(dp_accounting, sigma, sample_rate, steps, delta) <= (target_epsilon)
 
   low, high = 0.0, 1.0  # σ = 0 never meets a finite target.
   while not meets(high):
     if high >= _MAX_NOISE_MULTIPLIER:
       raise ValueError(
-          f"no noise_multiplier up to {_MAX_NOISE_MULTIPLIER:g} meets "
-          f"target_epsilon={target_epsilon!r}."
+        f"no noise_multiplier up to {_MAX_NOISE_MULTIPLIER:g} meets "
+        f"target_epsilon={target_epsilon!r}."
       )
     low, high = high, 2 * high
   while high - low > CALIBRATION_RTOL * high:

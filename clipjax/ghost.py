@@ -22,7 +22,8 @@ with taps; the model is never rewritten. Parameters used in any way that is not
 recognised fall back to exact per-example gradients, for those parameters only.
 """
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ __all__ = ["clipped_grad"]
 # Unary ops through which a parameter stays "a view of one leaf": replaying them and
 # taking their VJP maps gradients back to the leaf exactly.
 _ISOMETRIC_VIEWS = frozenset(
-    {"reshape", "transpose", "convert_element_type", "squeeze", "copy", "copy_p"}
+  {"reshape", "transpose", "convert_element_type", "squeeze", "copy", "copy_p"}
 )
 _VIEWS = _ISOMETRIC_VIEWS | {"broadcast_in_dim"}
 # Call primitives whose body is evaluated inline, so products inside them are found.
@@ -222,7 +223,7 @@ def _per_example_leaf_grads(uses, leaf, records, grads):
   for use in uses:
 
     def one(others, g, use=use):
-      _, vjp = jax.vjp(lambda l: _apply_use(use, l, others), leaf)
+      _, vjp = jax.vjp(lambda table: _apply_use(use, table, others), leaf)
       return vjp(g)[0]
 
     total = total + jax.vmap(one)(records[use.path], grads[use.path])
@@ -306,7 +307,7 @@ def _ghost_clipped_sum(use, leaf, others, g, ok, weights):
   cotangent = _mask(ok, g * weights.astype(g.dtype).reshape(shape))
   # Masking the data too keeps a non-finite example's x_i out of x_iᵀ·0.
   others = [_mask(ok, x) for x in others]
-  _, vjp = jax.vjp(lambda l: jax.vmap(lambda o: _apply_use(use, l, o))(others), leaf)
+  _, vjp = jax.vjp(lambda table: jax.vmap(lambda o: _apply_use(use, table, o))(others), leaf)
   return vjp(cotangent)[0].astype(leaf.dtype)
 
 
@@ -319,13 +320,10 @@ def _clipped_grad_impl(loss_fn, has_aux, params, clip_norm, *batch):
   closed, out_treedef = _trace(loss_fn, leaves, treedef, batch_leaves, batch_treedef)
   if closed.out_avals[0].shape != ():
     raise ValueError(
-        "loss_fn must return one scalar loss per example, got shape "
-        f"{closed.out_avals[0].shape}."
+      f"loss_fn must return one scalar loss per example, got shape {closed.out_avals[0].shape}."
     )
   uses, fallback = _find_uses(closed, len(leaves), len(batch_leaves))
-  outs, records, grads, copy_grads = _tapped_backward(
-      closed, uses, fallback, leaves, batch_leaves
-  )
+  outs, records, grads, copy_grads = _tapped_backward(closed, uses, fallback, leaves, batch_leaves)
 
   by_leaf = {}
   for use in uses:
@@ -352,9 +350,7 @@ def _clipped_grad_impl(loss_fn, has_aux, params, clip_norm, *batch):
   for k, per_example in explicit.items():
     clipped[k] = _weighted_sum(weights, _mask(ok, per_example), leaves[k].dtype)
   for k, use in ghost.items():
-    clipped[k] = _ghost_clipped_sum(
-        use, leaves[k], records[use.path], grads[use.path], ok, weights
-    )
+    clipped[k] = _ghost_clipped_sum(use, leaves[k], records[use.path], grads[use.path], ok, weights)
 
   result = (jax.tree.unflatten(treedef, clipped), norms)
   if has_aux:
@@ -367,7 +363,7 @@ _clipped_grad_jit = jax.jit(_clipped_grad_impl, static_argnums=(0, 1))
 
 
 def clipped_grad(
-    loss_fn: Callable[..., Any], clip_norm: Any, *, has_aux: bool = False
+  loss_fn: Callable[..., Any], clip_norm: Any, *, has_aux: bool = False
 ) -> Callable[..., Any]:
   """Sum of per-example gradients clipped to ``clip_norm``, and the per-example norms.
 

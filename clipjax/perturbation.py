@@ -40,8 +40,8 @@ def perturb(x, delta, eps, *, p=2, lower=0.0, upper=1.0, method="auto"):
   eta, box, treedef, _ = _rescale(x, delta, eps, p, lower, upper, method)
   dtypes = [jnp.result_type(v) for v in jax.tree.leaves(x)]
   out = [
-      jnp.clip(xi + eta * di, lo, hi).astype(dt if jnp.issubdtype(dt, jnp.floating) else eta.dtype)
-      for xi, di, lo, hi, dt in zip(*box, dtypes)
+    jnp.clip(xi + eta * di, lo, hi).astype(dt if jnp.issubdtype(dt, jnp.floating) else eta.dtype)
+    for xi, di, lo, hi, dt in zip(*box, dtypes)
   ]
   return jax.tree.unflatten(treedef, out)
 
@@ -80,7 +80,10 @@ def random_perturbation(key, x, eps, *, p=2, lower=0.0, upper=1.0, distribution=
     key = jax.random.key(key)
   leaves, treedef = jax.tree.flatten(x)
   keys = jax.random.split(key, len(leaves))
-  draw = jax.random.normal if distribution == "gaussian" else (
-      lambda k, shape: jax.random.uniform(k, shape, minval=-1.0, maxval=1.0))
+  draw = (
+    jax.random.normal
+    if distribution == "gaussian"
+    else (lambda k, shape: jax.random.uniform(k, shape, minval=-1.0, maxval=1.0))
+  )
   delta = jax.tree.unflatten(treedef, [draw(k, jnp.shape(v)) for k, v in zip(keys, leaves)])
   return perturb(x, delta, eps, p=p, lower=lower, upper=upper)

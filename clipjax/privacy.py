@@ -93,9 +93,7 @@ class ClippingStats(NamedTuple):
 
 def _canonical_key(key) -> jax.Array:
   """Returns a typed PRNG key from a typed key, a raw uint32 key or a seed."""
-  if isinstance(key, jax.Array) and jnp.issubdtype(
-      key.dtype, jax.dtypes.prng_key
-  ):
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
   key = jnp.asarray(key)
   if key.ndim == 0:
@@ -106,8 +104,7 @@ def _canonical_key(key) -> jax.Array:
 def _static_p(p) -> float:
   if isinstance(p, jax.core.Tracer):
     raise ValueError(
-        "p must be static, not traced. Under optax.inject_hyperparams pass "
-        "static_args=('p',)."
+      "p must be static, not traced. Under optax.inject_hyperparams pass static_args=('p',)."
     )
   if isinstance(p, str):
     if p.lower() != "inf":
@@ -138,8 +135,8 @@ def _batch_size(grads) -> int:
   sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
   if None in sizes or len(sizes) != 1:
     raise ValueError(
-        "per-example gradients need the same leading batch axis on every "
-        f"leaf; got leaf shapes {[leaf.shape for leaf in leaves]}."
+      "per-example gradients need the same leading batch axis on every "
+      f"leaf; got leaf shapes {[leaf.shape for leaf in leaves]}."
     )
   return sizes.pop()
 
@@ -165,9 +162,7 @@ def _per_example_norms(grads, p: float) -> jax.Array:
     return sum(reduce(jnp.abs, g) for g in leaves)
   if p == math.inf:
     # `initial` keeps leaves with an empty non-batch axis reducible.
-    maxima = [
-        reduce(jnp.abs, g, functools.partial(jnp.max, initial=0)) for g in leaves
-    ]
+    maxima = [reduce(jnp.abs, g, functools.partial(jnp.max, initial=0)) for g in leaves]
     norms = maxima[0]
     for m in maxima[1:]:
       norms = jnp.maximum(norms, m)
@@ -209,16 +204,12 @@ def _weighted_sum(grads, weights, finite):
 
   def dot(gs):
     return jax.tree.map(
-        lambda g: jnp.tensordot(
-            weights.astype(g.dtype), g, axes=1, out_sharding=_sum_sharding(g)
-        ),
-        gs,
+      lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1, out_sharding=_sum_sharding(g)),
+      gs,
     )
 
   def masked_dot(gs):
-    return dot(
-        jax.tree.map(lambda g: jnp.where(_per_example(finite, g), g, 0), gs)
-    )
+    return dot(jax.tree.map(lambda g: jnp.where(_per_example(finite, g), g, 0), gs))
 
   return jax.lax.cond(jnp.all(finite), dot, masked_dot, grads)
 
@@ -228,9 +219,7 @@ def _perturb(grads, pre_clip_noise, key):
   if _is_static_zero(pre_clip_noise):
     return grads
   noise = optax.tree.random_like(key, grads)
-  return jax.tree.map(
-      lambda g, z: (g + pre_clip_noise * z).astype(g.dtype), grads, noise
-  )
+  return jax.tree.map(lambda g, z: (g + pre_clip_noise * z).astype(g.dtype), grads, noise)
 
 
 def _clipped_sum(grads, clip_norm, p, pre_clip_noise, key):
@@ -252,9 +241,9 @@ def _noisy_mean(summed, stddev, batch_size, key):
     return jax.tree.map(lambda s: (s / batch_size).astype(s.dtype), summed)
   noise = optax.tree.random_like(key, summed)
   return jax.tree.map(
-      lambda s, z: ((s + stddev * z) / batch_size).astype(s.dtype),
-      summed,
-      noise,
+    lambda s, z: ((s + stddev * z) / batch_size).astype(s.dtype),
+    summed,
+    noise,
   )
 
 
@@ -301,21 +290,19 @@ def per_example_clip(grads, clip_norm, *, p: float = 2):
   norms = _per_example_norms(grads, p)
   scale, finite = _clip_factors(norms, clip_norm)
   clipped = jax.tree.map(
-      lambda g: jnp.where(
-          _per_example(finite, g), g * _per_example(scale, g).astype(g.dtype), 0
-      ),
-      grads,
+    lambda g: jnp.where(_per_example(finite, g), g * _per_example(scale, g).astype(g.dtype), 0),
+    grads,
   )
   return clipped, jnp.where(finite, norms, jnp.inf)
 
 
 def dp_aggregate(
-    clip_norm: jax.typing.ArrayLike,
-    noise_multiplier: jax.typing.ArrayLike,
-    key: jax.Array | int,
-    *,
-    pre_clip_noise: jax.typing.ArrayLike = 0.0,
-    p: float = 2,
+  clip_norm: jax.typing.ArrayLike,
+  noise_multiplier: jax.typing.ArrayLike,
+  key: jax.Array | int,
+  *,
+  pre_clip_noise: jax.typing.ArrayLike = 0.0,
+  p: float = 2,
 ) -> optax.GradientTransformation:
   r"""Clips per-example gradients, sums them, adds Gaussian noise, averages.
 
@@ -396,22 +383,17 @@ def dp_aggregate(
 def _check_split(noise_multiplier, count_noise_stddev) -> None:
   z, sigma_b = noise_multiplier, count_noise_stddev
   if (
-      isinstance(z, (int, float))
-      and isinstance(sigma_b, (int, float))
-      and z > 0
-      and z >= 2 * sigma_b
+    isinstance(z, (int, float)) and isinstance(sigma_b, (int, float)) and z > 0 and z >= 2 * sigma_b
   ):
     raise ValueError(
-        "noise_multiplier must be < 2 * count_noise_stddev to leave noise for "
-        f"the sum; got noise_multiplier={z!r}, count_noise_stddev={sigma_b!r}."
-        " Raise count_noise_stddev (or the batch size, for the default B/20) "
-        "or lower noise_multiplier."
+      "noise_multiplier must be < 2 * count_noise_stddev to leave noise for "
+      f"the sum; got noise_multiplier={z!r}, count_noise_stddev={sigma_b!r}."
+      " Raise count_noise_stddev (or the batch size, for the default B/20) "
+      "or lower noise_multiplier."
     )
 
 
-def _count_noise_and_sum_multiplier(
-    noise_multiplier, count_noise_stddev, batch_size
-):
+def _count_noise_and_sum_multiplier(noise_multiplier, count_noise_stddev, batch_size):
   """Returns ``(σ_b, z_Δ)``: the count's noise and the sum's multiplier.
 
   Andrew et al. (Theorem 1) show that the sum noised with ``z_Δ`` plus the
@@ -433,14 +415,14 @@ def _count_noise_and_sum_multiplier(
 
 
 def adaptive_dp_aggregate(
-    initial_clip_norm: jax.typing.ArrayLike,
-    noise_multiplier: jax.typing.ArrayLike,
-    key: jax.Array | int,
-    *,
-    target_quantile: jax.typing.ArrayLike = 0.5,
-    clip_learning_rate: jax.typing.ArrayLike = 0.2,
-    count_noise_stddev: jax.typing.ArrayLike | None = None,
-    pre_clip_noise: jax.typing.ArrayLike = 0.0,
+  initial_clip_norm: jax.typing.ArrayLike,
+  noise_multiplier: jax.typing.ArrayLike,
+  key: jax.Array | int,
+  *,
+  target_quantile: jax.typing.ArrayLike = 0.5,
+  clip_learning_rate: jax.typing.ArrayLike = 0.2,
+  count_noise_stddev: jax.typing.ArrayLike | None = None,
+  pre_clip_noise: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   r""":func:`dp_aggregate` with the clip norm adapted toward a norm quantile.
 
@@ -511,9 +493,7 @@ def adaptive_dp_aggregate(
   if isinstance(initial_clip_norm, (int, float)) and not initial_clip_norm > 0:
     raise ValueError(f"initial_clip_norm must be > 0, got {initial_clip_norm!r}.")
   if isinstance(target_quantile, (int, float)) and not 0 <= target_quantile <= 1:
-    raise ValueError(
-        f"target_quantile must be in [0, 1], got {target_quantile!r}."
-    )
+    raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile!r}.")
   initial_key = _canonical_key(key)
 
   def init_fn(params):
@@ -524,21 +504,17 @@ def adaptive_dp_aggregate(
       dtype = jnp.result_type(float)
     # A strong dtype: a weakly typed initial state would change type after
     # the first update and make `jit` compile the step twice.
-    return AdaptiveDPAggregateState(
-        clip_norm=jnp.array(clip_norm, dtype=dtype), key=initial_key
-    )
+    return AdaptiveDPAggregateState(clip_norm=jnp.array(clip_norm, dtype=dtype), key=initial_key)
 
   def update_fn(updates, state, params=None):
     del params
     batch_size = _batch_size(updates)
     count_stddev, sum_multiplier = _count_noise_and_sum_multiplier(
-        noise_multiplier, count_noise_stddev, batch_size
+      noise_multiplier, count_noise_stddev, batch_size
     )
     next_key, perturb_key, noise_key, count_key = jax.random.split(state.key, 4)
     clip_norm = state.clip_norm
-    summed, norms = _clipped_sum(
-        updates, clip_norm, 2.0, pre_clip_noise, perturb_key
-    )
+    summed, norms = _clipped_sum(updates, clip_norm, 2.0, pre_clip_noise, perturb_key)
     # The sum's noise is z_Δ·C alone (z_Δ already stands for z); a Python
     # z = 0 skips the draw, a traced one adds z_Δ = 0 times it.
     stddev = 0.0 if _is_static_zero(noise_multiplier) else sum_multiplier * clip_norm
@@ -546,14 +522,10 @@ def adaptive_dp_aggregate(
 
     unclipped = jnp.sum(norms <= clip_norm).astype(clip_norm.dtype)
     count_noise = count_stddev * jax.random.normal(count_key, (), clip_norm.dtype)
-    fraction = jnp.clip(
-        (unclipped - batch_size / 2 + count_noise) / batch_size + 0.5, 0.0, 1.0
-    )
-    new_clip_norm = clip_norm * jnp.exp(
-        -clip_learning_rate * (fraction - target_quantile)
-    )
+    fraction = jnp.clip((unclipped - batch_size / 2 + count_noise) / batch_size + 0.5, 0.0, 1.0)
+    new_clip_norm = clip_norm * jnp.exp(-clip_learning_rate * (fraction - target_quantile))
     return updates, AdaptiveDPAggregateState(
-        clip_norm=new_clip_norm.astype(clip_norm.dtype), key=next_key
+      clip_norm=new_clip_norm.astype(clip_norm.dtype), key=next_key
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -591,31 +563,28 @@ def clipping_stats(per_example_grads, clip_norm) -> ClippingStats:
   scale, finite = _clip_factors(norms, clip_norm)
   norms = jnp.where(finite, norms, jnp.inf)
   clipped_mean = _weighted_sum(per_example_grads, scale / batch_size, finite)
-  mean = _weighted_sum(
-      per_example_grads, finite.astype(norms.dtype) / batch_size, finite
-  )
+  mean = _weighted_sum(per_example_grads, finite.astype(norms.dtype) / batch_size, finite)
   clipped_length = optax.tree.norm(clipped_mean)
   length = optax.tree.norm(mean)
   denominator = clipped_length * length
   cosine = jnp.where(
-      denominator > 0,
-      optax.tree.vdot(clipped_mean, mean)
-      / jnp.where(denominator > 0, denominator, 1),
-      jnp.where((clipped_length == 0) & (length == 0), 1.0, 0.0),
+    denominator > 0,
+    optax.tree.vdot(clipped_mean, mean) / jnp.where(denominator > 0, denominator, 1),
+    jnp.where((clipped_length == 0) & (length == 0), 1.0, 0.0),
   )
   return ClippingStats(
-      fraction_clipped=jnp.mean(norms > clip_norm),
-      mean_norm=jnp.mean(norms),
-      bias_norm=optax.tree.norm(optax.tree.sub(clipped_mean, mean)),
-      cosine=cosine.astype(norms.dtype),
+    fraction_clipped=jnp.mean(norms > clip_norm),
+    mean_norm=jnp.mean(norms),
+    bias_norm=optax.tree.norm(optax.tree.sub(clipped_mean, mean)),
+    cosine=cosine.astype(norms.dtype),
   )
 
 
 def dp_noise(
-    clip_norm: jax.typing.ArrayLike,
-    noise_multiplier: jax.typing.ArrayLike,
-    batch_size: jax.typing.ArrayLike,
-    key: jax.Array | int,
+  clip_norm: jax.typing.ArrayLike,
+  noise_multiplier: jax.typing.ArrayLike,
+  batch_size: jax.typing.ArrayLike,
+  key: jax.Array | int,
 ) -> optax.GradientTransformation:
   r"""Turns a sum of clipped gradients into DP-SGD's noisy mean.
 
@@ -661,8 +630,6 @@ def dp_noise(
     del params
     next_key, noise_key = jax.random.split(state.key)
     stddev = _noise_stddev(noise_multiplier, clip_norm)
-    return _noisy_mean(updates, stddev, batch_size, noise_key), DPNoiseState(
-        key=next_key
-    )
+    return _noisy_mean(updates, stddev, batch_size, noise_key), DPNoiseState(key=next_key)
 
   return optax.GradientTransformation(init_fn, update_fn)

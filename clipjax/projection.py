@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax.rescale import _Box, _bound_leaves, _check_values, rescale
+from clipjax.rescale import _bound_leaves, _Box, _check_values, rescale
 from clipjax.rescale import _canonical_p as _rescale_p
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
@@ -96,7 +96,12 @@ def _valid(problem: _Problem, eps: jax.Array) -> jax.Array:
   ok = jnp.isfinite(eps) & (eps >= 0)
   for y, c, lo, hi in zip(*problem):
     leaf_ok = (
-        jnp.isfinite(y) & jnp.isfinite(c) & jnp.isfinite(lo) & jnp.isfinite(hi) & (lo <= c) & (c <= hi)
+      jnp.isfinite(y)
+      & jnp.isfinite(c)
+      & jnp.isfinite(lo)
+      & jnp.isfinite(hi)
+      & (lo <= c)
+      & (c <= hi)
     )
     ok = ok & jnp.all(leaf_ok)
   return ok
@@ -119,7 +124,8 @@ def _p_norm(leaves: list[jax.Array], p: float) -> jax.Array:
 def _project_inf(problem: _Problem, eps) -> list[jax.Array]:
   # The intersection of two boxes is a box, and projecting onto a box is a clip.
   return [
-      jnp.clip(y, jnp.maximum(c - eps, lo), jnp.minimum(c + eps, hi)) for y, c, lo, hi in zip(*problem)
+    jnp.clip(y, jnp.maximum(c - eps, lo), jnp.minimum(c + eps, hi))
+    for y, c, lo, hi in zip(*problem)
   ]
 
 
@@ -127,9 +133,13 @@ def _project_2(problem: _Problem, treedef, eps) -> list[jax.Array]:
   # KKT: z = clip(c + t·u) with t = 1/(1 + mu) in (0, 1] the clipping-aware scale.
   us = [y - c for y, c in zip(problem.ys, problem.cs)]
   tree = lambda leaves: jax.tree.unflatten(treedef, leaves)
-  eta = rescale(tree(problem.cs), tree(us), eps, p=2, lower=tree(problem.los), upper=tree(problem.his))
+  eta = rescale(
+    tree(problem.cs), tree(us), eps, p=2, lower=tree(problem.los), upper=tree(problem.his)
+  )
   t = jnp.minimum(eta, 1)
-  return [jnp.clip(c + t * u, lo, hi) for c, u, lo, hi in zip(problem.cs, us, problem.los, problem.his)]
+  return [
+    jnp.clip(c + t * u, lo, hi) for c, u, lo, hi in zip(problem.cs, us, problem.los, problem.his)
+  ]
 
 
 class _Piece(NamedTuple):
@@ -213,10 +223,13 @@ def _project_1(problem: _Problem, eps, inside) -> list[jax.Array]:
   saturated = [a - r >= lam0 for a, r in zip(a_leaves, r_leaves)]
   active = [~s & (a > lam0) for s, a in zip(saturated, a_leaves)]
   count = sum(jnp.sum(m, dtype=jnp.int32) for m in active)
-  excess = sum(
+  excess = (
+    sum(
       jnp.sum(jnp.where(m, a, 0)) + jnp.sum(jnp.where(s, r, 0))
       for m, s, a, r in zip(active, saturated, a_leaves, r_leaves)
-  ) - eps
+    )
+    - eps
+  )
   # With no active coordinate G is flat at eps and any lam on the flat gives z.
   lam = jnp.where(count > 0, excess / jnp.maximum(count, 1).astype(eps.dtype), lam0)
   out = []
@@ -323,6 +336,6 @@ def project_ball_box(y, center, eps, *, p=2, lower=0.0, upper=1.0):
   out = _project(problem, eps, p=p, treedef=treedef)
   dtypes = [jnp.result_type(v) for v in jax.tree.leaves(y)]
   return jax.tree.unflatten(
-      treedef,
-      [z.astype(dt if jnp.issubdtype(dt, jnp.floating) else compute) for z, dt in zip(out, dtypes)],
+    treedef,
+    [z.astype(dt if jnp.issubdtype(dt, jnp.floating) else compute) for z, dt in zip(out, dtypes)],
   )

@@ -95,8 +95,8 @@ def _bound_leaves(bound: Any, treedef: Any, shapes: list[tuple], name: str, ref:
     leaves = jax.tree.leaves(bound) * len(shapes)
   else:
     raise ValueError(
-        f"{name} must be a scalar, an array broadcastable to {ref}, or a pytree with the "
-        f"structure of {ref}; got structure {structure} for {ref}'s {treedef}."
+      f"{name} must be a scalar, an array broadcastable to {ref}, or a pytree with the "
+      f"structure of {ref}; got structure {structure} for {ref}'s {treedef}."
     )
   for leaf, shape in zip(leaves, shapes):
     try:
@@ -104,7 +104,9 @@ def _bound_leaves(bound: Any, treedef: Any, shapes: list[tuple], name: str, ref:
     except ValueError:
       ok = False
     if not ok:
-      raise ValueError(f"{name} of shape {np.shape(leaf)} does not broadcast to {ref}'s leaf shape {shape}.")
+      raise ValueError(
+        f"{name} of shape {np.shape(leaf)} does not broadcast to {ref}'s leaf shape {shape}."
+      )
   return leaves
 
 
@@ -303,9 +305,9 @@ def _first_pass(box: _Box, eps, p, nb, probe=None) -> _Scale:
   total = free = bad = sb = sa = 0.0
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), _leaves(box)):
     terms = [
-        _outside(x, d, lo, hi),
-        jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
-        jnp.where(s > 0, _pow(ad, p), 0),
+      _outside(x, d, lo, hi),
+      jnp.where(ad > 0, _pow(s * _bcast(1 / eps, s.ndim, nb), p), 0),
+      jnp.where(s > 0, _pow(ad, p), 0),
     ]
     if probe is not None:
       terms += _terms(s, ad, probe[0], eps, probe[1], p, nb)[:2]
@@ -315,7 +317,9 @@ def _first_pass(box: _Box, eps, p, nb, probe=None) -> _Scale:
       sb, sa = sb + at_probe[0], sa + at_probe[1]
   trusted = (free >= _TINY) & jnp.isfinite(free)
   start = jnp.where(trusted, eps / _root(jnp.where(trusted, free, 1), p), 0)
-  m = lax.cond(jnp.all(trusted), lambda: jnp.ones_like(free), lambda: _free_max(box, jnp.zeros_like(free), nb))
+  m = lax.cond(
+    jnp.all(trusted), lambda: jnp.ones_like(free), lambda: _free_max(box, jnp.zeros_like(free), nb)
+  )
   m = jnp.where(trusted, 1, m)
   if probe is not None:
     tangent = _piece_root(sb, sa, eps, probe[1], p)
@@ -440,10 +444,10 @@ def _eta_newton(box, eps, sc, p, nb):
     rescaled = coarse & (m_free > 0)  # else nothing is free and sa == 0 is right
     step = jnp.maximum(_piece_root(sb, sa, eps, m, p), eta)
     return (
-        k + 1,
-        jnp.where(rescaled, eta, step),
-        jnp.where(rescaled, -1, eta),
-        jnp.where(rescaled, m_free, m),
+      k + 1,
+      jnp.where(rescaled, eta, step),
+      jnp.where(rescaled, -1, eta),
+      jnp.where(rescaled, m_free, m),
     )
 
   # Rows past the largest norm start converged: their answer is the last breakpoint.
@@ -451,9 +455,9 @@ def _eta_newton(box, eps, sc, p, nb):
   _, eta, prev, m = lax.while_loop(cond, body, init)
   stuck = eta > prev
   return lax.cond(
-      jnp.any(stuck),
-      lambda: jnp.where(stuck, _eta_bisect(box, eps, sc, p, nb, lo=eta), eta),
-      lambda: eta,
+    jnp.any(stuck),
+    lambda: jnp.where(stuck, _eta_bisect(box, eps, sc, p, nb, lo=eta), eta),
+    lambda: eta,
   )
 
 
@@ -516,7 +520,9 @@ def _eta_sort(box, eps, sc, p, nb):
     safe = jnp.where(top > 0, top, 1)
     return top, u[1] * _pow(u[0] / safe, p) + v[1] * _pow(v[0] / safe, p)
 
-  top, total = lax.associative_scan(merge, (ad, (ad > 0).astype(ad.dtype)), reverse=True, axis=ad.ndim - 1)
+  top, total = lax.associative_scan(
+    merge, (ad, (ad > 0).astype(ad.dtype)), reverse=True, axis=ad.ndim - 1
+  )
   shift = lambda v: jnp.concatenate([v[..., 1:], jnp.zeros_like(v[..., :1])], axis=-1)
   top_after, total_after = shift(top), shift(total)  # over j > k
   saturated_b = jnp.cumsum(b, axis=-1)
@@ -568,7 +574,7 @@ def _eta_finite(box: _Box, eps, p, method, nb):
   # eta is the last breakpoint; that costs one more pass, so only when needed.
   last = sc.beyond | ~jnp.isfinite(eta)
   eta = jnp.where(
-      last, lax.cond(jnp.any(last), lambda: _r_max(box, nb), lambda: jnp.zeros_like(eta)), eta
+    last, lax.cond(jnp.any(last), lambda: _r_max(box, nb), lambda: jnp.zeros_like(eta)), eta
   )
   eta = jnp.where((eps > 0) & (sc.m > 0), eta, 0)
   valid = sc.valid & jnp.isfinite(eps) & (eps >= 0)
@@ -609,7 +615,7 @@ _ROW_ELEMENTS = 1 << 17
 _GROUP_ELEMENTS = 1 << 22
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched_solver(p: float, method: str):
   """The solve as a ``custom_vmap`` function, so that ``vmap`` picks its batching.
 
@@ -643,10 +649,10 @@ def _batched_solver(p: float, method: str):
       return out
 
     box = _Box(
-        lift(box.xs, box_b.xs, False),
-        lift(box.ds, box_b.ds, False),
-        lift(box.los, box_b.los, True),
-        lift(box.his, box_b.his, True),
+      lift(box.xs, box_b.xs, False),
+      lift(box.ds, box_b.ds, False),
+      lift(box.los, box_b.los, True),
+      lift(box.his, box_b.his, True),
     )
     eps = eps if eps_b else jnp.broadcast_to(eps, (axis_size,))
     flags = [True] * 2 * len(box.xs) + list(box_b.los) + list(box_b.his) + [True]
@@ -672,13 +678,17 @@ def _in_groups(fn, args, flags, rows):
 
   def call(part, nb):
     part = iter(part)
-    return fn(*jax.tree.unflatten(treedef, [next(part) if f else v for v, f in zip(leaves, flags)]), nb)
+    return fn(
+      *jax.tree.unflatten(treedef, [next(part) if f else v for v, f in zip(leaves, flags)]), nb
+    )
 
   full = size // rows * rows
   group = (rows,) if rows > 1 else ()
-  grouped = [v[:full].reshape((size // rows, *group) + v.shape[1:]) for v, f in zip(leaves, flags) if f]
+  grouped = [
+    v[:full].reshape((size // rows, *group) + v.shape[1:]) for v, f in zip(leaves, flags) if f
+  ]
   out = lax.map(lambda part: call(part, 1 if rows > 1 else 0), grouped)
-  out = jax.tree.map(lambda o: o.reshape((full,) + o.shape[1 + len(group):]), out)
+  out = jax.tree.map(lambda o: o.reshape((full,) + o.shape[1 + len(group) :]), out)
   if full == size:
     return out
   rest = call([v[full:] for v, f in zip(leaves, flags) if f], 1)
@@ -696,7 +706,9 @@ def _row_by_row(tree) -> bool:
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     return False
   # Arrays typed with explicit-axis shardings (even on one device) cannot be scanned.
-  specs = [getattr(getattr(jax.typeof(v), "sharding", None), "spec", ()) for v in jax.tree.leaves(tree)]
+  specs = [
+    getattr(getattr(jax.typeof(v), "sharding", None), "spec", ()) for v in jax.tree.leaves(tree)
+  ]
   return not any(axis is not None for spec in specs for axis in spec)
 
 
@@ -832,7 +844,10 @@ def max_norm(x, delta, *, p=2, lower=0.0, upper=1.0) -> jax.Array:
   _check_values(box, None)
   room = [jnp.where(ad > 0, s, 0) for s, ad in _leaves(box)]
   top = functools.reduce(jnp.maximum, [jnp.max(r, initial=0.0) for r in room])
-  valid = functools.reduce(jnp.maximum, [jnp.max(_outside(*leaf), initial=0.0) for leaf in zip(*box)]) == 0
+  valid = (
+    functools.reduce(jnp.maximum, [jnp.max(_outside(*leaf), initial=0.0) for leaf in zip(*box)])
+    == 0
+  )
   if p == math.inf:
     norm = top
   else:

@@ -17,9 +17,9 @@ import optax
 from clipjax.rescale import _canonical_p, rescale
 
 _NO_PARAMS_MSG = (
-    "clipping_aware_normalize needs the current parameters: call "
-    "`update(updates, state, params)`. The box constrains params + updates, so "
-    "the transformation cannot work without them."
+  "clipping_aware_normalize needs the current parameters: call "
+  "`update(updates, state, params)`. The box constrains params + updates, so "
+  "the transformation cannot work without them."
 )
 
 
@@ -27,8 +27,7 @@ def _static_p(p) -> float:
   """Returns ``p`` as a Python float; a traced ``p`` gets a hint on the fix."""
   if isinstance(p, jax.core.Tracer):
     raise ValueError(
-        "p must be static, not traced. Under optax.inject_hyperparams pass "
-        "static_args=('p',)."
+      "p must be static, not traced. Under optax.inject_hyperparams pass static_args=('p',)."
     )
   return _canonical_p(p)
 
@@ -67,11 +66,11 @@ def _settle(x, step, lower, upper):
 
 
 def clipping_aware_normalize(
-    norm: jax.typing.ArrayLike,
-    *,
-    p: float = 2,
-    lower: Any = 0.0,
-    upper: Any = 1.0,
+  norm: jax.typing.ArrayLike,
+  *,
+  p: float = 2,
+  lower: Any = 0.0,
+  upper: Any = 1.0,
 ) -> optax.GradientTransformation:
   r"""Rescales updates so that the *clipped* step has global p-norm ``norm``.
 
@@ -170,17 +169,15 @@ def _global_norm(tree, p: float) -> jax.Array:
   scale = jax.lax.stop_gradient(optax.tree.norm(tree, ord=math.inf))
   positive = scale > 0
   safe_scale = jnp.where(positive, scale, 1)
-  total = optax.tree.sum(
-      jax.tree.map(lambda t: jnp.sum((jnp.abs(t) / safe_scale) ** p), tree)
-  )
+  total = optax.tree.sum(jax.tree.map(lambda t: jnp.sum((jnp.abs(t) / safe_scale) ** p), tree))
   # total >= 1 whenever scale > 0; the guard keeps pow away from 0.
   return scale * jnp.where(positive, total, 1) ** (1 / p)
 
 
 def clip_by_norm(
-    max_norm: jax.typing.ArrayLike,
-    *,
-    p: float = 2,
+  max_norm: jax.typing.ArrayLike,
+  *,
+  p: float = 2,
 ) -> optax.GradientTransformation:
   r"""Scales updates down so that their global p-norm is at most ``max_norm``.
 

@@ -31,7 +31,7 @@ def load(seed: int = 0, test_size: float = 0.25) -> Digits:
   images, labels = load_digits(return_X_y=True)
   pixels = (images / 16.0).astype(np.float32)  # Raw values are 0..16.
   x_train, x_test, y_train, y_test = train_test_split(
-      pixels, labels, test_size=test_size, random_state=seed, stratify=labels
+    pixels, labels, test_size=test_size, random_state=seed, stratify=labels
   )
   return Digits(*(jnp.asarray(a) for a in (x_train, y_train, x_test, y_test)))
 
@@ -40,11 +40,11 @@ def init_mlp(key: jax.Array, sizes=(64, 128, 10)) -> list[dict]:
   """He-initialised dense layers, one ``{"w", "b"}`` dict per layer."""
   keys = jax.random.split(key, len(sizes) - 1)
   return [
-      {
-          "w": jax.random.normal(k, (m, n), jnp.float32) * jnp.sqrt(2.0 / m),
-          "b": jnp.zeros(n, jnp.float32),
-      }
-      for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+    {
+      "w": jax.random.normal(k, (m, n), jnp.float32) * jnp.sqrt(2.0 / m),
+      "b": jnp.zeros(n, jnp.float32),
+    }
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
   ]
 
 
@@ -66,12 +66,12 @@ def accuracy(params: list[dict], x: jax.Array, y: jax.Array) -> float:
 
 
 def train(
-    data: Digits,
-    *,
-    steps: int = 600,
-    learning_rate: float = 3e-3,
-    seed: int = 0,
-    chunks: int = 20,
+  data: Digits,
+  *,
+  steps: int = 600,
+  learning_rate: float = 3e-3,
+  seed: int = 0,
+  chunks: int = 20,
 ) -> list[dict]:
   """Full-batch Adam; the loop runs in ``chunks`` scans so tqdm can report."""
   optimizer = optax.adamw(learning_rate, weight_decay=1e-4)
@@ -97,7 +97,7 @@ def train(
   return params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(seed: int = 0, steps: int = 600) -> tuple[Digits, list[dict]]:
   """The split and a model trained on it; examples sharing a process train once."""
   data = load(seed=seed)

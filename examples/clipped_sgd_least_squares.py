@@ -45,11 +45,11 @@ def _parse(argv):
   parser.add_argument("--noise-std", type=float, default=1.0)
   parser.add_argument("--num-lrs", type=int, default=16)
   parser.add_argument(
-      "--clip-factors",
-      type=float,
-      nargs="+",
-      default=[0.25, 0.5, 1.0, 2.0],
-      help="thresholds in units of noise_std * sqrt(dim), a typical gradient norm",
+    "--clip-factors",
+    type=float,
+    nargs="+",
+    default=[0.25, 0.5, 1.0, 2.0],
+    help="thresholds in units of noise_std * sqrt(dim), a typical gradient norm",
   )
   parser.add_argument("--out", default=os.path.join("examples", "out"))
   parser.add_argument("--smoke", action="store_true", help="tiny configuration")
@@ -63,9 +63,7 @@ def _grid(args):
   """(learning rates, thresholds), one entry per run; threshold inf = plain SGD."""
   # Plain SGD on isotropic data is stable for lr * dim < 2.
   lrs = np.geomspace(0.03, 1.5, args.num_lrs) / args.dim
-  thresholds = [math.inf] + [
-      f * args.noise_std * math.sqrt(args.dim) for f in args.clip_factors
-  ]
+  thresholds = [math.inf] + [f * args.noise_std * math.sqrt(args.dim) for f in args.clip_factors]
   lr, threshold = np.meshgrid(lrs, thresholds, indexing="ij")
   return jnp.asarray(lr.ravel()), jnp.asarray(threshold.ravel())
 
@@ -120,13 +118,13 @@ def main(argv=None):
   jobs = [(noise, seed) for noise in NOISES for seed in range(args.seeds)]
   for noise, seed in tqdm(jobs, desc="SGD runs (noise, seed)"):
     risks = _excess_risk_curves(
-        jax.random.key(seed),
-        lrs,
-        thresholds,
-        noise == "student-t",
-        args.noise_std,
-        dim=args.dim,
-        steps=args.steps,
+      jax.random.key(seed),
+      lrs,
+      thresholds,
+      noise == "student-t",
+      args.noise_std,
+      dim=args.dim,
+      steps=args.steps,
     )
     curves[noise].append(np.asarray(risks))
 
@@ -134,35 +132,35 @@ def main(argv=None):
   unit = args.noise_std * math.sqrt(args.dim)
   results = {}
   fig, axes = plt.subplots(1, len(NOISES), figsize=(11, 4), sharey=True)
-  print(f"\nd = {args.dim}, {args.steps} steps, {args.seeds} seeds, "
-        f"{len(lrs)} runs per noise; final excess risk = mean of the last "
-        f"{tail} steps, mean over seeds")
-  print(f"{'noise':<10} {'run':<8} {'lr*d':>6} {'clip/(std*sqrt d)':>18} "
-        f"{'final excess risk':>18}")
+  print(
+    f"\nd = {args.dim}, {args.steps} steps, {args.seeds} seeds, "
+    f"{len(lrs)} runs per noise; final excess risk = mean of the last "
+    f"{tail} steps, mean over seeds"
+  )
+  print(f"{'noise':<10} {'run':<8} {'lr*d':>6} {'clip/(std*sqrt d)':>18} {'final excess risk':>18}")
   for ax, noise in zip(axes, NOISES):
     mean_curve = np.mean(curves[noise], axis=0)  # (steps, runs)
     final = mean_curve[-tail:].mean(axis=0)
     best = {
-        "plain": _best(final, thresholds, clipped=False),
-        "clipped": _best(final, thresholds, clipped=True),
+      "plain": _best(final, thresholds, clipped=False),
+      "clipped": _best(final, thresholds, clipped=True),
     }
     for name, i in best.items():
       factor = thresholds[i] / unit
-      print(f"{noise:<10} {name:<8} {lrs[i] * args.dim:>6.3f} {factor:>18.2f} "
-            f"{final[i]:>18.4g}")
+      print(f"{noise:<10} {name:<8} {lrs[i] * args.dim:>6.3f} {factor:>18.2f} {final[i]:>18.4g}")
       label = f"best {name}: lr·d = {lrs[i] * args.dim:.2f}"
       if name == "clipped":
         label += f", clip = {factor:.2f}·σ√d"
       ax.plot(np.arange(1, args.steps + 1), mean_curve[:, i], label=label)
     results[noise] = {
-        "plain": float(final[best["plain"]]),
-        "clipped": float(final[best["clipped"]]),
-        "ratio": float(final[best["clipped"]] / final[best["plain"]]),
+      "plain": float(final[best["plain"]]),
+      "clipped": float(final[best["clipped"]]),
+      "ratio": float(final[best["clipped"]] / final[best["plain"]]),
     }
     ax.set(
-        title=f"{noise} noise: best clipped / best plain = {results[noise]['ratio']:.2f}",
-        xlabel="step (one fresh sample each)",
-        yscale="log",
+      title=f"{noise} noise: best clipped / best plain = {results[noise]['ratio']:.2f}",
+      xlabel="step (one fresh sample each)",
+      yscale="log",
     )
     ax.grid(alpha=0.3)
     ax.legend()

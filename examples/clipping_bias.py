@@ -83,8 +83,9 @@ def make_estimator(draws):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join("examples", "out"))
-  parser.add_argument("--draws", type=int, default=400_000,
-                      help="Monte Carlo copies of the pair of examples per x")
+  parser.add_argument(
+    "--draws", type=int, default=400_000, help="Monte Carlo copies of the pair of examples per x"
+  )
   parser.add_argument("--points", type=int, default=161, help="grid size on [-4, 4]")
   parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
   args = parser.parse_args(argv)
@@ -101,7 +102,7 @@ def main(argv=None):
       mc, err = [], []
       for j, x in enumerate(xs):
         mean, error = estimate(
-            jnp.float32(x), jnp.float32(k), jax.random.fold_in(key, i * len(xs) + j)
+          jnp.float32(x), jnp.float32(k), jax.random.fold_in(key, i * len(xs) + j)
         )
         mc.append(float(mean))
         err.append(float(error))
@@ -109,25 +110,30 @@ def main(argv=None):
       exact = np.array([closed_form(x, k) for x in xs])
       results[k] = (np.array(mc), np.array(err), exact)
 
-  print(f"\nMean clipped gradient (C = {CLIP_NORM:g}, a = {A}); true gradient = x."
-        f" Monte Carlo ({args.draws} draws) / closed form:")
+  print(
+    f"\nMean clipped gradient (C = {CLIP_NORM:g}, a = {A}); true gradient = x."
+    f" Monte Carlo ({args.draws} draws) / closed form:"
+  )
   print("     x " + "".join(f"{f'k = {k:g}':>22s}" for k in KS))
   for x in TABLE_XS:
     j = int(np.argmin(np.abs(xs - x)))
-    cells = "".join(
-        f"{results[k][0][j]:10.4f} / {results[k][2][j]:8.4f}  " for k in KS
-    )
+    cells = "".join(f"{results[k][0][j]:10.4f} / {results[k][2][j]:8.4f}  " for k in KS)
     print(f"{x:6.2f} {cells}")
   gap = max(float(np.max(np.abs(mc - exact))) for mc, _, exact in results.values())
   error = max(float(np.max(err)) for _, err, _ in results.values())
-  print(f"largest |Monte Carlo − closed form| over the grid: {gap:.4f} "
-        f"(largest standard error {error:.4f})")
+  print(
+    f"largest |Monte Carlo − closed form| over the grid: {gap:.4f} "
+    f"(largest standard error {error:.4f})"
+  )
   at_one = int(np.argmin(np.abs(xs - 1.0)))
-  print(f"at x = 1: k = 0 gives {results[0.0][0][at_one]:.4f} (false stationary "
-        f"point), k = 1 gives {results[1.0][0][at_one]:.4f} "
-        f"(closed form {closed_form(1.0, 1.0):.4f})")
+  print(
+    f"at x = 1: k = 0 gives {results[0.0][0][at_one]:.4f} (false stationary "
+    f"point), k = 1 gives {results[1.0][0][at_one]:.4f} "
+    f"(closed form {closed_form(1.0, 1.0):.4f})"
+  )
 
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -138,8 +144,10 @@ def main(argv=None):
   ax.axhline(0, color="gray", lw=0.5)
   ax.set_xlabel("x")
   ax.set_ylabel("mean clipped gradient")
-  ax.set_title("Chen et al. 1-D example: clipping bias, corrected by pre-clip noise\n"
-               "(dots: clipjax.dp_aggregate Monte Carlo)")
+  ax.set_title(
+    "Chen et al. 1-D example: clipping bias, corrected by pre-clip noise\n"
+    "(dots: clipjax.dp_aggregate Monte Carlo)"
+  )
   ax.legend()
   fig.tight_layout()
   path = os.path.join(args.out, "clipping_bias.png")

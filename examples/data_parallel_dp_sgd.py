@@ -56,7 +56,7 @@ def load_data(smoke):
   images, labels = load_digits(return_X_y=True)
   pixels = (images / 16.0).astype(np.float32)
   x_train, x_test, y_train, y_test = train_test_split(
-      pixels, labels, test_size=0.2, random_state=0, stratify=labels
+    pixels, labels, test_size=0.2, random_state=0, stratify=labels
   )
   if smoke:
     x_train, y_train = x_train[:512], y_train[:512]
@@ -67,8 +67,11 @@ def init_params(seed):
   # NumPy on the host: every process draws the same values from the same seed.
   rng = np.random.default_rng(seed)
   return [
-      {"w": (rng.normal(size=(m, n)) * np.sqrt(1 / m)).astype(np.float32), "b": np.zeros(n, np.float32)}
-      for m, n in zip(SIZES[:-1], SIZES[1:])
+    {
+      "w": (rng.normal(size=(m, n)) * np.sqrt(1 / m)).astype(np.float32),
+      "b": np.zeros(n, np.float32),
+    }
+    for m, n in zip(SIZES[:-1], SIZES[1:])
   ]
 
 
@@ -105,7 +108,7 @@ def accuracy(params, x, y):
 def place(tree, sharding):
   """Puts host (NumPy) arrays on the mesh; each process builds only its own shards."""
   return jax.tree.map(
-      lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), tree
+    lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), tree
   )
 
 
@@ -140,13 +143,17 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
   parser.add_argument("--epochs", type=int, default=30)
-  parser.add_argument("--batch-size", type=int, default=256, help="rounded up to a multiple of the device count")
+  parser.add_argument(
+    "--batch-size", type=int, default=256, help="rounded up to a multiple of the device count"
+  )
   parser.add_argument("--clip-norm", type=float, default=1.0)
   parser.add_argument("--noise-multiplier", type=float, default=1.0)
   parser.add_argument("--learning-rate", type=float, default=1e-2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--smoke", action="store_true", help="a few epochs on a subset, for tests")
-  parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  parser.add_argument(
+    "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+  )
   args = parser.parse_args(argv)
   if args.smoke:
     args.epochs, args.batch_size = 3, 64
@@ -165,18 +172,26 @@ def main(argv=None):
   mesh = jax.make_mesh((len(devices),), ("batch",), devices=devices)
   batch_size = math.ceil(args.batch_size / len(devices)) * len(devices)
   with jax.set_mesh(mesh):
-    history, found = train(args, batch_size, NamedSharding(mesh, P("batch")), NamedSharding(mesh, P()))
+    history, found = train(
+      args, batch_size, NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    )
   gathers = [c for c in found if not c.startswith("all-reduce")]
   path = os.path.join(args.out, "data_parallel_dp_sgd.png")
   if jax.process_index() == 0:
     os.makedirs(args.out, exist_ok=True)
     title = (
-        f"DP-SGD on digits, batch sharded over {len(devices)} device(s)\n"
-        f"C = {args.clip_norm}, σ = {args.noise_multiplier}, batch {batch_size}"
+      f"DP-SGD on digits, batch sharded over {len(devices)} device(s)\n"
+      f"C = {args.clip_norm}, σ = {args.noise_multiplier}, batch {batch_size}"
     )
     plot(history, path, title)
     print(f"plot: {path}")
-  return {"devices": len(devices), "accuracy": history, "collectives": found, "gathers": gathers, "plot": path}
+  return {
+    "devices": len(devices),
+    "accuracy": history,
+    "collectives": found,
+    "gathers": gathers,
+    "plot": path,
+  }
 
 
 def train(args, batch_size, batch_sharding, replicated):
@@ -187,8 +202,8 @@ def train(args, batch_size, batch_sharding, replicated):
   steps_per_epoch = len(x_train) // batch_size
 
   optimizer = optax.chain(
-      clipjax.dp_aggregate(args.clip_norm, args.noise_multiplier, jax.random.key(args.seed)),
-      optax.adam(args.learning_rate),
+    clipjax.dp_aggregate(args.clip_norm, args.noise_multiplier, jax.random.key(args.seed)),
+    optax.adam(args.learning_rate),
   )
   params = place(init_params(args.seed), replicated)
   # init builds the state from replicated params, so it is replicated too.
@@ -212,7 +227,9 @@ def train(args, batch_size, batch_sharding, replicated):
   for epoch in epochs:
     order = rng.permutation(len(x_train))
     for k in range(steps_per_epoch):
-      params, opt_state = step(params, opt_state, *batch(order[k * batch_size:(k + 1) * batch_size]))
+      params, opt_state = step(
+        params, opt_state, *batch(order[k * batch_size : (k + 1) * batch_size])
+      )
     history.append(float(accuracy(params, *test)))
     epochs.set_postfix(accuracy=f"{history[-1]:.3f}")
     if lead:

@@ -49,7 +49,7 @@ def load_data(smoke):
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
   x_train, x_test, y_train, y_test = train_test_split(
-      x, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    x, digits.target, test_size=0.2, random_state=0, stratify=digits.target
   )
   if smoke:
     x_train, y_train = x_train[:512], y_train[:512]
@@ -60,9 +60,11 @@ def init_params(seed, sizes):
   # NumPy, not jax.random: eager JAX ops would each compile, for nothing.
   rng = np.random.default_rng(seed)
   return [
-      (jnp.asarray(rng.normal(size=(m, n)) * np.sqrt(2 / m), jnp.float32),
-       jnp.zeros((n,), jnp.float32))
-      for m, n in zip(sizes[:-1], sizes[1:])
+    (
+      jnp.asarray(rng.normal(size=(m, n)) * np.sqrt(2 / m), jnp.float32),
+      jnp.zeros((n,), jnp.float32),
+    )
+    for m, n in zip(sizes[:-1], sizes[1:])
   ]
 
 
@@ -111,19 +113,13 @@ def make_optimizer(method, args, sigma, key):
   if method == "flat":
     return optax.chain(clipjax.dp_aggregate(args.clip_norm, sigma, key), sgd)
   if method == "flat_clipped_grad":
-    return optax.chain(
-        clipjax.dp_noise(args.clip_norm, sigma, args.batch_size, key), sgd
-    )
+    return optax.chain(clipjax.dp_noise(args.clip_norm, sigma, args.batch_size, key), sgd)
   if method == "bias_corrected":
     # Perturbation of norm ≈ k·√d, set to half the clip norm.
     d = sum(m * n + n for m, n in zip(args.sizes[:-1], args.sizes[1:]))
     k = args.pre_clip_noise * args.clip_norm / np.sqrt(d)
-    return optax.chain(
-        clipjax.dp_aggregate(args.clip_norm, sigma, key, pre_clip_noise=k), sgd
-    )
-  return optax.chain(
-      clipjax.adaptive_dp_aggregate(args.initial_clip_norm, sigma, key), sgd
-  )
+    return optax.chain(clipjax.dp_aggregate(args.clip_norm, sigma, key, pre_clip_noise=k), sgd)
+  return optax.chain(clipjax.adaptive_dp_aggregate(args.initial_clip_norm, sigma, key), sgd)
 
 
 def make_step(method, tx, clip_norm):
@@ -149,13 +145,11 @@ def _clipped_grad_available(params, x, y, clip_norm):
   except NotImplementedError:
     return False
   # Use it only if it agrees with per-example clipping.
-  clipped, _ = jax.jit(clipjax.per_example_clip)(
-      per_example_grads(params, x, y), clip_norm
-  )
+  clipped, _ = jax.jit(clipjax.per_example_clip)(per_example_grads(params, x, y), clip_norm)
   expected = jax.tree.map(lambda g: np.sum(g, axis=0), clipped)
   return all(
-      np.allclose(a, b, rtol=1e-4, atol=1e-5)
-      for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(expected))
+    np.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(expected))
   )
 
 
@@ -170,9 +164,7 @@ def _median_time(fn, repeats=20):
 
 def compare_step_times(params, x, y, clip_norm):
   """Prints a clipped_grad step's time against a non-private step's."""
-  non_private = jax.jit(
-      jax.grad(lambda p: jnp.sum(jax.vmap(example_loss, (None, 0, 0))(p, x, y)))
-  )
+  non_private = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(example_loss, (None, 0, 0))(p, x, y))))
   private = jax.jit(lambda p: clipjax.clipped_grad(example_loss, clip_norm)(p, x, y))
   per_example = jax.jit(lambda p: per_example_grads(p, x, y))
   for fn in (non_private, private, per_example):
@@ -180,10 +172,12 @@ def compare_step_times(params, x, y, clip_norm):
   base = _median_time(lambda: non_private(params))
   ghost = _median_time(lambda: private(params))
   vmapped = _median_time(lambda: per_example(params))
-  print(f"gradient time per step (batch {x.shape[0]}): non-private "
-        f"{base * 1e3:.2f} ms, clipped_grad {ghost * 1e3:.2f} ms "
-        f"({ghost / base:.2f}x), vmap per-example {vmapped * 1e3:.2f} ms "
-        f"({vmapped / base:.2f}x)")
+  print(
+    f"gradient time per step (batch {x.shape[0]}): non-private "
+    f"{base * 1e3:.2f} ms, clipped_grad {ghost * 1e3:.2f} ms "
+    f"({ghost / base:.2f}x), vmap per-example {vmapped * 1e3:.2f} ms "
+    f"({vmapped / base:.2f}x)"
+  )
 
 
 def train(method, args, data, sigma, epsilons, key):
@@ -196,13 +190,19 @@ def train(method, args, data, sigma, epsilons, key):
   step = make_step(method, tx, args.clip_norm)
   probe_x, probe_y = x_train[: args.batch_size], y_train[: args.batch_size]
   rng = np.random.default_rng(args.seed)
-  history = {"accuracy": [], "epsilon": [], "clip_norm": [], "bias_norm": [],
-             "fraction_clipped": [], "cosine": []}
+  history = {
+    "accuracy": [],
+    "epsilon": [],
+    "clip_norm": [],
+    "bias_norm": [],
+    "fraction_clipped": [],
+    "cosine": [],
+  }
   bar = tqdm(range(args.epochs), desc=method)
   for epoch in bar:
     order = rng.permutation(n)
     for s in range(steps_per_epoch):
-      batch = order[s * args.batch_size:(s + 1) * args.batch_size]
+      batch = order[s * args.batch_size : (s + 1) * args.batch_size]
       params, opt_state = step(params, opt_state, x_train[batch], y_train[batch])
     clip_norm = _clip_norm_of(method, opt_state, args.clip_norm)
     stats = probe_stats(params, probe_x, probe_y, jnp.float32(clip_norm))
@@ -211,13 +211,17 @@ def train(method, args, data, sigma, epsilons, key):
     history["clip_norm"].append(float(clip_norm))
     for name in ("bias_norm", "fraction_clipped", "cosine"):
       history[name].append(float(getattr(stats, name)))
-    bar.set_postfix(acc=f"{history['accuracy'][-1]:.3f}", eps=f"{epsilons[epoch]:.2f}",
-                    C=f"{float(clip_norm):.2f}")
+    bar.set_postfix(
+      acc=f"{history['accuracy'][-1]:.3f}",
+      eps=f"{epsilons[epoch]:.2f}",
+      C=f"{float(clip_norm):.2f}",
+    )
   return history
 
 
 def _plot(histories, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -249,10 +253,12 @@ def main(argv=None):
   parser.add_argument("--learning-rate", type=float, default=0.01)
   parser.add_argument("--clip-norm", type=float, default=1.0)
   parser.add_argument("--initial-clip-norm", type=float, default=0.1)
-  parser.add_argument("--pre-clip-noise", type=float, default=0.5,
-                      help="perturbation norm relative to the clip norm")
-  parser.add_argument("--hidden", type=int, default=HIDDEN,
-                      help="hidden width; 0 gives a linear softmax model")
+  parser.add_argument(
+    "--pre-clip-noise", type=float, default=0.5, help="perturbation norm relative to the clip norm"
+  )
+  parser.add_argument(
+    "--hidden", type=int, default=HIDDEN, help="hidden width; 0 gives a linear softmax model"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
   args = parser.parse_args(argv)
@@ -269,11 +275,13 @@ def main(argv=None):
   steps = args.epochs * steps_per_epoch
   sigma = clipjax.calibrate_noise(args.epsilon, DELTA, sample_rate, steps)
   epsilons = [
-      clipjax.dp_epsilon(sigma, sample_rate, (e + 1) * steps_per_epoch, DELTA)
-      for e in range(args.epochs)
+    clipjax.dp_epsilon(sigma, sample_rate, (e + 1) * steps_per_epoch, DELTA)
+    for e in range(args.epochs)
   ]
-  print(f"n = {n}, batch {args.batch_size} (q = {sample_rate:.4f}), {steps} steps: "
-        f"noise multiplier σ = {sigma:.4f} for ε = {epsilons[-1]:.3f}, δ = {DELTA:g}")
+  print(
+    f"n = {n}, batch {args.batch_size} (q = {sample_rate:.4f}), {steps} steps: "
+    f"noise multiplier σ = {sigma:.4f} for ε = {epsilons[-1]:.3f}, δ = {DELTA:g}"
+  )
 
   params = init_params(args.seed, args.sizes)
   probe = (data[0][: args.batch_size], data[1][: args.batch_size])
@@ -289,12 +297,16 @@ def main(argv=None):
   for i, method in enumerate((flat, "bias_corrected", "adaptive")):
     histories[method] = train(method, args, data, sigma, epsilons, jax.random.key(100 + i))
 
-  print(f"\n{'method':20s} {'σ':>7s} {'ε':>6s} {'test acc':>9s} {'clip norm':>10s} "
-        f"{'clipped':>8s} {'bias':>8s} {'cosine':>7s}")
+  print(
+    f"\n{'method':20s} {'σ':>7s} {'ε':>6s} {'test acc':>9s} {'clip norm':>10s} "
+    f"{'clipped':>8s} {'bias':>8s} {'cosine':>7s}"
+  )
   for method, h in histories.items():
-    print(f"{method:20s} {sigma:7.3f} {h['epsilon'][-1]:6.2f} {h['accuracy'][-1]:9.3f} "
-          f"{h['clip_norm'][-1]:10.3f} {h['fraction_clipped'][-1]:8.2f} "
-          f"{h['bias_norm'][-1]:8.4f} {h['cosine'][-1]:7.3f}")
+    print(
+      f"{method:20s} {sigma:7.3f} {h['epsilon'][-1]:6.2f} {h['accuracy'][-1]:9.3f} "
+      f"{h['clip_norm'][-1]:10.3f} {h['fraction_clipped'][-1]:8.2f} "
+      f"{h['bias_norm'][-1]:8.4f} {h['cosine'][-1]:7.3f}"
+    )
   path = os.path.join(args.out, "dp_sgd.png")
   _plot(histories, path)
   print(f"wrote {path}")

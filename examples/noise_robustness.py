@@ -27,27 +27,25 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import clipjax  # noqa: E402
 
 NORMS = {"L2": 2.0, "Linf": math.inf}
 _LABELS = {
-    "exact": "clipjax.random_perturbation",
-    "naive": "naive: x + eps·g/‖g‖, clip",
+  "exact": "clipjax.random_perturbation",
+  "naive": "naive: x + eps·g/‖g‖, clip",
 }
 
 
 def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
-      "--eps-l2", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
+    "--eps-l2", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
   )
-  parser.add_argument(
-      "--eps-linf", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-  )
+  parser.add_argument("--eps-linf", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
   parser.add_argument("--draws", type=int, default=8, help="noise draws per test image")
   parser.add_argument("--train-steps", type=int, default=600)
   parser.add_argument("--seed", type=int, default=0)
@@ -98,8 +96,9 @@ def _plot(rows, clean_accuracy, path):
       acc = [clean_accuracy] + [r[f"{name}_acc"] for r in sel]
       ax.plot(true, acc, style, label=f"{_LABELS[name]} (true size)")
     naive_acc = [clean_accuracy] + [r["naive_acc"] for r in sel]
-    ax.plot(claimed, naive_acc, "s--", color="grey", alpha=0.6,
-            label="naive, plotted at its claimed size")
+    ax.plot(
+      claimed, naive_acc, "s--", color="grey", alpha=0.6, label="naive, plotted at its claimed size"
+    )
     ax.set(title=f"{norm} noise", xlabel=f"true perturbation size ‖x̃ − x‖ ({norm})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -122,24 +121,40 @@ def main(argv=None):
   key = jax.random.key(args.seed)
   for i, (norm, eps) in enumerate(tqdm(jobs, desc="noise sizes")):
     result = _evaluate(
-        params, jax.random.fold_in(key, i), data.x_test, data.y_test, eps,
-        p=NORMS[norm], draws=args.draws,
+      params,
+      jax.random.fold_in(key, i),
+      data.x_test,
+      data.y_test,
+      eps,
+      p=NORMS[norm],
+      draws=args.draws,
     )
     row = {"norm": norm, "eps": eps}
     for name, (acc, size, smallest) in result.items():
-      row.update({f"{name}_acc": float(acc), f"{name}_size": float(size),
-                  f"{name}_min_size": float(smallest)})
+      row.update(
+        {
+          f"{name}_acc": float(acc),
+          f"{name}_size": float(size),
+          f"{name}_min_size": float(smallest),
+        }
+      )
     rows.append(row)
 
   path = os.path.join(args.out, "noise_robustness.png")
   _plot(rows, clean_accuracy, path)
-  print(f"\nclean test accuracy {clean_accuracy:.3f} ({data.x_test.shape[0]} images, "
-        f"{args.draws} noise draws each); sizes are means over all noisy images")
-  print(f"{'norm':<5} {'claimed':>7} {'naive true':>10} {'exact true':>10} "
-        f"{'naive/claimed':>13} {'acc naive':>9} {'acc exact':>9}")
+  print(
+    f"\nclean test accuracy {clean_accuracy:.3f} ({data.x_test.shape[0]} images, "
+    f"{args.draws} noise draws each); sizes are means over all noisy images"
+  )
+  print(
+    f"{'norm':<5} {'claimed':>7} {'naive true':>10} {'exact true':>10} "
+    f"{'naive/claimed':>13} {'acc naive':>9} {'acc exact':>9}"
+  )
   for r in rows:
-    print(f"{r['norm']:<5} {r['eps']:>7.2f} {r['naive_size']:>10.3f} {r['exact_size']:>10.3f} "
-          f"{r['naive_size'] / r['eps']:>13.2f} {r['naive_acc']:>9.3f} {r['exact_acc']:>9.3f}")
+    print(
+      f"{r['norm']:<5} {r['eps']:>7.2f} {r['naive_size']:>10.3f} {r['exact_size']:>10.3f} "
+      f"{r['naive_size'] / r['eps']:>13.2f} {r['naive_acc']:>9.3f} {r['exact_acc']:>9.3f}"
+    )
   print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
   return {"clean_accuracy": clean_accuracy, "rows": rows, "plot": path}
 

@@ -31,19 +31,20 @@ import functools
 import os
 import sys
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import clipjax  # noqa: E402
 
 
@@ -65,9 +66,7 @@ def _normalized_step(grad, x, alpha):
 
 
 def _clipping_aware_step(grad, x, alpha):
-  tx = optax.chain(
-      optax.scale(-1.0), clipjax.clipping_aware_normalize(alpha, lower=0.0, upper=1.0)
-  )
+  tx = optax.chain(optax.scale(-1.0), clipjax.clipping_aware_normalize(alpha, lower=0.0, upper=1.0))
   updates, _ = tx.update(grad, tx.init(x), x)
   return optax.apply_updates(x, updates)
 
@@ -84,9 +83,9 @@ def _exact_projection(y, x0, eps):
 
 
 VARIANTS = {
-    "normalize, project, clip": Variant(_normalized_step, _project_then_clip),
-    "clipping-aware step": Variant(_clipping_aware_step, _project_then_clip),
-    "normalize, exact projection": Variant(_normalized_step, _exact_projection),
+  "normalize, project, clip": Variant(_normalized_step, _project_then_clip),
+  "clipping-aware step": Variant(_clipping_aware_step, _project_then_clip),
+  "normalize, exact projection": Variant(_normalized_step, _exact_projection),
 }
 
 
@@ -111,9 +110,7 @@ def _attack(params, x0, labels, eps, *, variant, steps):
   alpha = 2.5 * eps / steps
 
   def objective(x, label):
-    return -optax.softmax_cross_entropy_with_integer_labels(
-        _digits.logits(params, x), label
-    )
+    return -optax.softmax_cross_entropy_with_integer_labels(_digits.logits(params, x), label)
 
   def attack_one(x0, label):
     def iteration(x, _):
@@ -131,10 +128,10 @@ def _attack(params, x0, labels, eps, *, variant, steps):
 def _plot(rows, path):
   fig, axes = plt.subplots(1, 4, figsize=(17, 4))
   panels = (
-      ("success", "attack success rate"),
-      ("step_ratio", "mean effective step / alpha"),
-      ("budget_used", "mean ‖x_T − x0‖ / eps"),
-      ("distance", "mean ‖z − y‖ (projection distance)"),
+    ("success", "attack success rate"),
+    ("step_ratio", "mean effective step / alpha"),
+    ("budget_used", "mean ‖x_T − x0‖ / eps"),
+    ("distance", "mean ‖z − y‖ (projection distance)"),
   )
   for ax, (field, title) in zip(axes, panels):
     for name in VARIANTS:
@@ -159,13 +156,12 @@ def main(argv=None):
   rows = []
   jobs = [(name, eps) for name in VARIANTS for eps in args.eps]
   for name, eps in tqdm(jobs, desc="PGD (variant, eps)"):
-    final, effective, distance = _attack(
-        params, x0, labels, eps, variant=name, steps=args.steps
-    )
+    final, effective, distance = _attack(params, x0, labels, eps, variant=name, steps=args.steps)
     alpha = 2.5 * eps / args.steps
     ratio = np.asarray(effective, np.float64) / alpha
     final_norms = jnp.linalg.norm(final - x0, axis=-1)
-    rows.append({
+    rows.append(
+      {
         "variant": name,
         "eps": eps,
         "step_ratio": float(ratio.mean()),
@@ -176,18 +172,25 @@ def main(argv=None):
         "max_final_norm": float(jnp.max(final_norms)),
         "budget_used": float(jnp.mean(final_norms)) / eps,
         "success": float(jnp.mean(jnp.argmax(_digits.logits(params, final), -1) != labels)),
-    })
+      }
+    )
 
   path = os.path.join(args.out, "pgd_attack.png")
   _plot(rows, path)
-  print(f"\n{len(labels)} correctly classified test images, {args.steps} PGD "
-        f"iterations, alpha = 2.5 * eps / {args.steps}; means over images and iterations")
-  print(f"{'variant':<28} {'eps':>4} {'step/alpha':>10} {'min':>6} "
-        f"{'‖z−y‖':>7} {'‖x_T−x0‖':>9} {'success':>7}")
+  print(
+    f"\n{len(labels)} correctly classified test images, {args.steps} PGD "
+    f"iterations, alpha = 2.5 * eps / {args.steps}; means over images and iterations"
+  )
+  print(
+    f"{'variant':<28} {'eps':>4} {'step/alpha':>10} {'min':>6} "
+    f"{'‖z−y‖':>7} {'‖x_T−x0‖':>9} {'success':>7}"
+  )
   for r in rows:
-    print(f"{r['variant']:<28} {r['eps']:>4.2f} {r['step_ratio']:>10.4f} "
-          f"{r['step_ratio_min']:>6.3f} {r['distance']:>7.4f} {r['final_norm']:>9.4f} "
-          f"{r['success']:>7.3f}")
+    print(
+      f"{r['variant']:<28} {r['eps']:>4.2f} {r['step_ratio']:>10.4f} "
+      f"{r['step_ratio_min']:>6.3f} {r['distance']:>7.4f} {r['final_norm']:>9.4f} "
+      f"{r['success']:>7.3f}"
+    )
   print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
   return {"rows": rows, "plot": path, "images": len(labels)}
 

@@ -14,9 +14,10 @@ while tracing and the partitioner infers everything) and ``[explicit]`` (an
 ``AxisType.Explicit`` mesh set with ``jax.set_mesh``: shardings are part of the
 types). Some also run as ``[explicit_no_context]``: inputs on an Explicit mesh
 (what ``jax.make_mesh`` builds by default) but no ``jax.set_mesh``, so only the
-types carry the mesh and a bare ``PartitionSpec`` cannot be resolved. A check passes when the jitted result equals the unsharded one, outputs
-keep the inputs' shardings where they should, and the compiled program gathers
-nothing: no collective but ``all-reduce``, and none larger than the reduced
+types carry the mesh and a bare ``PartitionSpec`` cannot be resolved. A check
+passes when the jitted result equals the unsharded one, outputs keep the
+inputs' shardings where they should, and the compiled program gathers nothing:
+no collective but ``all-reduce``, and none larger than the reduced
 value it has to carry (a scalar, one value per example, one example's sum).
 """
 
@@ -42,16 +43,16 @@ DEVICES = 8
 STYLES = ("auto", "explicit")
 # Checks that also run without a mesh context: code that names a sharding needs one.
 _ALSO_WITHOUT_CONTEXT = {
-    "perturb_pytree",
-    "clipping_aware_normalize_pytree",
-    "vmap_rescale_batch_sharded",
-    "per_example_clip_batch_sharded",
-    "dp_aggregate_batch_sharded",
-    "adaptive_dp_aggregate_batch_sharded",
+  "perturb_pytree",
+  "clipping_aware_normalize_pytree",
+  "vmap_rescale_batch_sharded",
+  "per_example_clip_batch_sharded",
+  "dp_aggregate_batch_sharded",
+  "adaptive_dp_aggregate_batch_sharded",
 }
 _COLLECTIVE = re.compile(
-    r"=\s*(\S.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\("
+  r"=\s*(\S.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+  r"(?:-start)?\("
 )
 # check id -> a function of no arguments returning the compiled program's collectives.
 CHECKS = {}
@@ -146,15 +147,18 @@ def _sharded_check(fn, data, mesh_shape, names, specs, *, max_reduce, keeps_shar
 
 _rng = np.random.default_rng(0)
 _MESH_2D = ((4, 2), ("x", "y"))
-_ARRAY = (_rng.uniform(size=(32, 256)).astype(np.float32), _rng.normal(size=(32, 256)).astype(np.float32))
+_ARRAY = (
+  _rng.uniform(size=(32, 256)).astype(np.float32),
+  _rng.normal(size=(32, 256)).astype(np.float32),
+)
 _ARRAY_SPECS = (P(None, ("x", "y")),) * 2
 _TREE = tuple(
-    {
-        "conv": draw(size=(64, 96)).astype(np.float32),
-        "dense": draw(size=(48, 16)).astype(np.float32),
-        "bias": draw(size=(10,)).astype(np.float32),
-    }
-    for draw in (_rng.uniform, _rng.normal)
+  {
+    "conv": draw(size=(64, 96)).astype(np.float32),
+    "dense": draw(size=(48, 16)).astype(np.float32),
+    "bias": draw(size=(10,)).astype(np.float32),
+  }
+  for draw in (_rng.uniform, _rng.normal)
 )
 _TREE_SPECS = ({"conv": P("x", "y"), "dense": P(None, "x"), "bias": P()},) * 2
 _EPS = 3.0  # below the largest reachable norm of both inputs, so clipping matters
@@ -164,7 +168,7 @@ def _vector_check(name, fn, *, tree=True, keeps_sharding=False):
   data, specs = (_TREE, _TREE_SPECS) if tree else (_ARRAY, _ARRAY_SPECS)
   # Solvers and norms reduce to scalars: scalars are all that may cross devices.
   body = _sharded_check(
-      fn, data, *_MESH_2D, specs, max_reduce=1, keeps_sharding_of=0 if keeps_sharding else None
+    fn, data, *_MESH_2D, specs, max_reduce=1, keeps_sharding_of=0 if keeps_sharding else None
   )
   _register(name, body)
 
@@ -181,45 +185,51 @@ def _transform(tx, with_params):
 for _p in (3.5, math.inf):
   _vector_check(f"rescale_pytree_p{_p}", lambda x, d, p=_p: clipjax.rescale(x, d, _EPS, p=p))
 _vector_check(
-    "rescale_grad_pytree",
-    lambda x, d: jax.grad(lambda d: clipjax.rescale(x, d, _EPS))(d),
-    keeps_sharding=True,
+  "rescale_grad_pytree",
+  lambda x, d: jax.grad(lambda d: clipjax.rescale(x, d, _EPS))(d),
+  keeps_sharding=True,
 )
-_vector_check("perturb_array", lambda x, d: clipjax.perturb(x, d, _EPS), tree=False, keeps_sharding=True)
+_vector_check(
+  "perturb_array", lambda x, d: clipjax.perturb(x, d, _EPS), tree=False, keeps_sharding=True
+)
 _vector_check("perturb_pytree", lambda x, d: clipjax.perturb(x, d, _EPS), keeps_sharding=True)
 _vector_check("max_norm_pytree", lambda x, d: clipjax.max_norm(x, d))
 _vector_check(
-    "clipping_aware_normalize_pytree",
-    _transform(clipjax.clipping_aware_normalize(_EPS), with_params=True),
-    keeps_sharding=True,
+  "clipping_aware_normalize_pytree",
+  _transform(clipjax.clipping_aware_normalize(_EPS), with_params=True),
+  keeps_sharding=True,
 )
-_vector_check("clip_by_norm_pytree", _transform(clipjax.clip_by_norm(1.0), False), keeps_sharding=True)
-_vector_check("clip_by_norm_pytree_p3", _transform(clipjax.clip_by_norm(1.0, p=3), False), keeps_sharding=True)
+_vector_check(
+  "clip_by_norm_pytree", _transform(clipjax.clip_by_norm(1.0), False), keeps_sharding=True
+)
+_vector_check(
+  "clip_by_norm_pytree_p3", _transform(clipjax.clip_by_norm(1.0, p=3), False), keeps_sharding=True
+)
 
 # Array bounds sharded like x: the room of each coordinate is found shard-locally.
 _register(
-    "perturb_sharded_bounds",
-    _sharded_check(
-        lambda x, d, lo, hi: clipjax.perturb(x, d, 1.0, lower=lo, upper=hi),
-        (*_ARRAY, _ARRAY[0] * 0.5, 0.5 + _ARRAY[0] * 0.5),
-        *_MESH_2D,
-        _ARRAY_SPECS * 2,
-        max_reduce=1,
-        keeps_sharding_of=0,
-    ),
+  "perturb_sharded_bounds",
+  _sharded_check(
+    lambda x, d, lo, hi: clipjax.perturb(x, d, 1.0, lower=lo, upper=hi),
+    (*_ARRAY, _ARRAY[0] * 0.5, 0.5 + _ARRAY[0] * 0.5),
+    *_MESH_2D,
+    _ARRAY_SPECS * 2,
+    max_reduce=1,
+    keeps_sharding_of=0,
+  ),
 )
 
 # The sort needs the whole vector in one place: it concatenates the leaves, so
 # it gathers by design and only its result is checked.
 _register(
-    "rescale_sort_pytree",
-    _sharded_check(
-        lambda x, d: clipjax.rescale(x, d, _EPS, method="sort"),
-        _TREE,
-        *_MESH_2D,
-        _TREE_SPECS,
-        max_reduce=None,
-    ),
+  "rescale_sort_pytree",
+  _sharded_check(
+    lambda x, d: clipjax.rescale(x, d, _EPS, method="sort"),
+    _TREE,
+    *_MESH_2D,
+    _TREE_SPECS,
+    max_reduce=None,
+  ),
 )
 
 # ---------------------------------------------------------------------------
@@ -228,27 +238,29 @@ _register(
 
 _BATCH = 16
 _BATCHED = (
-    _rng.uniform(size=(_BATCH, 8, 24)).astype(np.float32),
-    _rng.normal(size=(_BATCH, 8, 24)).astype(np.float32),
-    _rng.uniform(0.5, 4.0, size=_BATCH).astype(np.float32),
+  _rng.uniform(size=(_BATCH, 8, 24)).astype(np.float32),
+  _rng.normal(size=(_BATCH, 8, 24)).astype(np.float32),
+  _rng.uniform(0.5, 4.0, size=_BATCH).astype(np.float32),
 )
 
 
 def _batched_check(name, fn, mesh, specs, keeps_sharding_of):
   # Per-row solver state crosses devices at most as one value per example.
   body = _sharded_check(
-      fn, _BATCHED, *mesh, specs, max_reduce=_BATCH, keeps_sharding_of=keeps_sharding_of
+    fn, _BATCHED, *mesh, specs, max_reduce=_BATCH, keeps_sharding_of=keeps_sharding_of
   )
   _register(name, body)
 
 
-_batched_check("vmap_rescale_batch_sharded", jax.vmap(clipjax.rescale), ((8,), ("b",)), (P("b"),) * 3, 2)
 _batched_check(
-    "vmap_rescale_batch_and_features_sharded",
-    jax.vmap(clipjax.rescale),
-    ((4, 2), ("b", "f")),
-    (P("b", None, "f"), P("b", None, "f"), P("b")),
-    2,
+  "vmap_rescale_batch_sharded", jax.vmap(clipjax.rescale), ((8,), ("b",)), (P("b"),) * 3, 2
+)
+_batched_check(
+  "vmap_rescale_batch_and_features_sharded",
+  jax.vmap(clipjax.rescale),
+  ((4, 2), ("b", "f")),
+  (P("b", None, "f"), P("b", None, "f"), P("b")),
+  2,
 )
 
 # ---------------------------------------------------------------------------
@@ -256,8 +268,8 @@ _batched_check(
 # ---------------------------------------------------------------------------
 
 _GRADS = {
-    "w": (_rng.normal(size=(32, 24, 10)) * np.linspace(0.1, 3, 32)[:, None, None]).astype(np.float32),
-    "b": _rng.normal(size=(32, 10)).astype(np.float32),
+  "w": (_rng.normal(size=(32, 24, 10)) * np.linspace(0.1, 3, 32)[:, None, None]).astype(np.float32),
+  "b": _rng.normal(size=(32, 10)).astype(np.float32),
 }
 _GRAD_SPECS = {"w": P("b"), "b": P("b")}
 
@@ -266,13 +278,13 @@ def _privacy_check(name, fn, keeps_sharding=False):
   # The only large collective allowed is the partitioner's sum over the batch:
   # one example's worth of values, never the per-example gradients.
   body = _sharded_check(
-      fn,
-      (_GRADS,),
-      (DEVICES,),
-      ("b",),
-      (_GRAD_SPECS,),
-      max_reduce=_GRADS["w"][0].size,
-      keeps_sharding_of=0 if keeps_sharding else None,
+    fn,
+    (_GRADS,),
+    (DEVICES,),
+    ("b",),
+    (_GRAD_SPECS,),
+    max_reduce=_GRADS["w"][0].size,
+    keeps_sharding_of=0 if keeps_sharding else None,
   )
   _register(name, body)
 
@@ -285,24 +297,26 @@ def _aggregate(tx):
   return apply
 
 
-_privacy_check("per_example_clip_batch_sharded", lambda g: clipjax.per_example_clip(g, 1.0)[0], True)
 _privacy_check(
-    "dp_aggregate_batch_sharded",
-    # Noise before clipping is drawn per example, sharded like the batch; the
-    # noise after the sum is the adaptive check's.
-    _aggregate(clipjax.dp_aggregate(1.0, 0.0, jax.random.key(0), pre_clip_noise=0.3)),
+  "per_example_clip_batch_sharded", lambda g: clipjax.per_example_clip(g, 1.0)[0], True
 )
 _privacy_check(
-    "adaptive_dp_aggregate_batch_sharded",
-    _aggregate(clipjax.adaptive_dp_aggregate(1.0, 0.7, jax.random.key(0))),
+  "dp_aggregate_batch_sharded",
+  # Noise before clipping is drawn per example, sharded like the batch; the
+  # noise after the sum is the adaptive check's.
+  _aggregate(clipjax.dp_aggregate(1.0, 0.0, jax.random.key(0), pre_clip_noise=0.3)),
+)
+_privacy_check(
+  "adaptive_dp_aggregate_batch_sharded",
+  _aggregate(clipjax.adaptive_dp_aggregate(1.0, 0.7, jax.random.key(0))),
 )
 # Not ours, for comparison: optax 0.2.8's per-example clipping contracts the
 # sharded batch axis with a plain dot, which explicit sharding rejects
 # ("Contracting dimensions are sharded and it is ambiguous how the output
 # should be sharded"); the auto style compiles to the same all-reduce as ours.
 _privacy_check(
-    "optax_per_example_global_norm_clip",
-    lambda g: optax.per_example_global_norm_clip(list(g.values()), 1.0)[0],
+  "optax_per_example_global_norm_clip",
+  lambda g: optax.per_example_global_norm_clip(list(g.values()), 1.0)[0],
 )
 
 

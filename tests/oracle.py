@@ -21,7 +21,9 @@ def room(x, d, lower, upper):
 def norm_after_clip(x, d, eta, p, lower=0.0, upper=1.0):
   x, d = np.asarray(x, np.float64), np.asarray(d, np.float64)
   moved = np.clip(x + eta * d, lower, upper) - x
-  return np.max(np.abs(moved), initial=0.0) if p == np.inf else np.sum(np.abs(moved) ** p) ** (1 / p)
+  return (
+    np.max(np.abs(moved), initial=0.0) if p == np.inf else np.sum(np.abs(moved) ** p) ** (1 / p)
+  )
 
 
 def max_norm(x, d, p, lower=0.0, upper=1.0):

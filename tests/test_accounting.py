@@ -13,18 +13,16 @@ DELTA = 1e-5
 def _direct_epsilon(sigma, q, steps, delta):
   accountant = dp_accounting.rdp.RdpAccountant()
   accountant.compose(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
-      steps,
+    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+    steps,
   )
   return accountant.get_epsilon(delta)
 
 
-@pytest.mark.parametrize(
-    "sigma, q, steps", [(1.1, 0.01, 1000), (0.8, 0.05, 200), (3.0, 1.0, 10)]
-)
+@pytest.mark.parametrize("sigma, q, steps", [(1.1, 0.01, 1000), (0.8, 0.05, 200), (3.0, 1.0, 10)])
 def test_epsilon_matches_dp_accounting(sigma, q, steps):
   assert dp_epsilon(sigma, q, steps, DELTA) == pytest.approx(
-      _direct_epsilon(sigma, q, steps, DELTA), rel=1e-12
+    _direct_epsilon(sigma, q, steps, DELTA), rel=1e-12
   )
 
 
@@ -45,16 +43,16 @@ def test_calibrate_noise_meets_target_minimally(target, q, steps):
 
 
 @pytest.mark.parametrize(
-    "args, name",
-    [
-        ((-1.0, 0.01, 10, DELTA), "noise_multiplier"),
-        ((1.0, 0.0, 10, DELTA), "sample_rate"),
-        ((1.0, 1.5, 10, DELTA), "sample_rate"),
-        ((1.0, 0.01, 0, DELTA), "steps"),
-        ((1.0, 0.01, 2.5, DELTA), "steps"),
-        ((1.0, 0.01, 10, 0.0), "delta"),
-        ((1.0, 0.01, 10, 1.0), "delta"),
-    ],
+  "args, name",
+  [
+    ((-1.0, 0.01, 10, DELTA), "noise_multiplier"),
+    ((1.0, 0.0, 10, DELTA), "sample_rate"),
+    ((1.0, 1.5, 10, DELTA), "sample_rate"),
+    ((1.0, 0.01, 0, DELTA), "steps"),
+    ((1.0, 0.01, 2.5, DELTA), "steps"),
+    ((1.0, 0.01, 10, 0.0), "delta"),
+    ((1.0, 0.01, 10, 1.0), "delta"),
+  ],
 )
 def test_dp_epsilon_validates(args, name):
   with pytest.raises(ValueError, match=name):
@@ -62,14 +60,14 @@ def test_dp_epsilon_validates(args, name):
 
 
 @pytest.mark.parametrize(
-    "args, name",
-    [
-        ((0.0, DELTA, 0.01, 10), "target_epsilon"),
-        ((float("inf"), DELTA, 0.01, 10), "target_epsilon"),
-        ((1.0, 2.0, 0.01, 10), "delta"),
-        ((1.0, DELTA, -0.1, 10), "sample_rate"),
-        ((1.0, DELTA, 0.01, -3), "steps"),
-    ],
+  "args, name",
+  [
+    ((0.0, DELTA, 0.01, 10), "target_epsilon"),
+    ((float("inf"), DELTA, 0.01, 10), "target_epsilon"),
+    ((1.0, 2.0, 0.01, 10), "delta"),
+    ((1.0, DELTA, -0.1, 10), "sample_rate"),
+    ((1.0, DELTA, 0.01, -3), "steps"),
+  ],
 )
 def test_calibrate_noise_validates(args, name):
   with pytest.raises(ValueError, match=name):

@@ -83,8 +83,8 @@ def _ints(seed, shape, high):
 
 def _mlp_params(seed, sizes, dtype):
   return [
-      (_normal(seed + 2 * i, (m, n), dtype, m**-0.5), _normal(seed + 2 * i + 1, (n,), dtype, 0.1))
-      for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:]))
+    (_normal(seed + 2 * i, (m, n), dtype, m**-0.5), _normal(seed + 2 * i + 1, (n,), dtype, 0.1))
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:]))
   ]
 
 
@@ -117,9 +117,9 @@ def _seq_loss(params, x, y):
 
 def _seq(steps, d, h, dtype, batch=8):
   params = {
-      "w": _normal(1, (d, h), dtype, d**-0.5),
-      "b": _normal(2, (h,), dtype),
-      "head": _normal(3, (h, 2), dtype),
+    "w": _normal(1, (d, h), dtype, d**-0.5),
+    "b": _normal(2, (h,), dtype),
+    "head": _normal(3, (h, 2), dtype),
   }
   return params, _normal(4, (batch, steps, d), dtype), _normal(5, (batch, 2), dtype)
 
@@ -147,9 +147,9 @@ def test_reported_norms_are_unclipped():
 
 
 @pytest.mark.parametrize(
-    "steps, d, h, path",
-    [(3, 16, 16, "gram"), (32, 3, 4, None)],
-    ids=["gram", "explicit"],
+  "steps, d, h, path",
+  [(3, 16, 16, "gram"), (32, 3, 4, None)],
+  ids=["gram", "explicit"],
 )
 def test_sequence_einsum(steps, d, h, path):
   params, x, y = _seq(steps, d, h, F64)
@@ -179,9 +179,9 @@ def test_per_head_einsum_and_pytree_batch():
 
 def test_embedding_and_scale_fall_back_exactly():
   params = {
-      "emb": _normal(6, (11, 5), F64),
-      "scale": 1.0 + _normal(7, (5,), F64),
-      "w": _normal(8, (5, 3), F64),
+    "emb": _normal(6, (11, 5), F64),
+    "scale": 1.0 + _normal(7, (5,), F64),
+    "w": _normal(8, (5, 3), F64),
   }
   tokens = _ints(9, (12, 4), 11)
   y = _normal(10, (12, 3), F64)

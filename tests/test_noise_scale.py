@@ -70,7 +70,7 @@ def test_adaptive_dp_aggregate_default_split(z, pre_clip_noise):
   # divided by the clip norm that step used (the state's before the update).
   batch, dim, steps, clip_norm = 256, DRAWS // 16, 16, 0.5
   tx = clipjax.adaptive_dp_aggregate(
-      clip_norm, z, key=jax.random.key(3), pre_clip_noise=pre_clip_noise, clip_learning_rate=0.2
+    clip_norm, z, key=jax.random.key(3), pre_clip_noise=pre_clip_noise, clip_learning_rate=0.2
   )
   grads = jnp.zeros((batch, dim), jnp.float32)
 
@@ -91,7 +91,9 @@ def test_adaptive_dp_aggregate_default_split(z, pre_clip_noise):
 def test_adaptive_dp_aggregate_explicit_count_noise(z):
   batch, clip_norm, count_stddev = 4, 2.0, 2.0
   grads = jnp.zeros((batch, DRAWS), jnp.float32)
-  tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key=jax.random.key(4), count_noise_stddev=count_stddev)
+  tx = clipjax.adaptive_dp_aggregate(
+    clip_norm, z, key=jax.random.key(4), count_noise_stddev=count_stddev
+  )
   out, state = jax.jit(tx.update)(grads, tx.init(None))
   assert float(state.clip_norm) != clip_norm  # the next step's clip norm moved
   z_sum = _sum_multiplier(z, count_stddev)

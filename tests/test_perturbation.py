@@ -5,10 +5,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
 import clipjax
-import oracle
 from clipjax import __main__ as demo
 
 
@@ -25,14 +25,18 @@ def test_perturb_lands_in_box_at_exact_distance(p, dtype):
     assert bool(jnp.all((y >= 0) & (y <= 1)))
     reached = oracle.norm_after_clip(np.asarray(x), np.asarray(y) - np.asarray(x), 1.0, p)
     want = min(eps, oracle.max_norm(np.asarray(x), np.asarray(d), p))
-    np.testing.assert_allclose(reached, want, rtol=1e-5 if dtype == jnp.float32 else 1e-12, atol=1e-7)
+    np.testing.assert_allclose(
+      reached, want, rtol=1e-5 if dtype == jnp.float32 else 1e-12, atol=1e-7
+    )
 
 
 def test_perturb_beyond_reach_stops_at_the_maximum():
   x, d = jnp.array([0.5, 0.9, 0.0]), jnp.array([1.0, 1.0, -1.0])
   y = clipjax.perturb(x, d, 10.0)
   np.testing.assert_allclose(y, [1.0, 1.0, 0.0])
-  np.testing.assert_allclose(float(jnp.linalg.norm(y - x)), float(clipjax.max_norm(x, d)), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(jnp.linalg.norm(y - x)), float(clipjax.max_norm(x, d)), rtol=1e-6
+  )
 
 
 def test_perturb_pytree_keeps_structure_and_dtypes():
@@ -41,7 +45,9 @@ def test_perturb_pytree_keeps_structure_and_dtypes():
   y = clipjax.perturb(x, d, 0.9)
   assert jax.tree.structure(y) == jax.tree.structure(x)
   assert y["img"].dtype == jnp.bfloat16 and y["aux"].dtype == jnp.float32
-  flat = np.concatenate([np.ravel(np.asarray(y[k], np.float64) - np.asarray(x[k], np.float64)) for k in ("aux", "img")])
+  flat = np.concatenate(
+    [np.ravel(np.asarray(y[k], np.float64) - np.asarray(x[k], np.float64)) for k in ("aux", "img")]
+  )
   np.testing.assert_allclose(np.linalg.norm(flat), 0.9, rtol=1e-2)  # bfloat16 rounding
 
 
@@ -51,17 +57,21 @@ def test_random_perturbation_exact_size(distribution, p):
   x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (28, 28)), jnp.float32)
   keys = jax.random.split(jax.random.key(0), 8)
   eps = {1.0: 20.0, 2.0: 3.6, math.inf: 0.2}[p]
-  ys = jax.vmap(lambda k: clipjax.random_perturbation(k, x, eps, p=p, distribution=distribution))(keys)
+  ys = jax.vmap(lambda k: clipjax.random_perturbation(k, x, eps, p=p, distribution=distribution))(
+    keys
+  )
   for y in ys:
     assert bool(jnp.all((y >= 0) & (y <= 1)))
-    np.testing.assert_allclose(oracle.norm_after_clip(np.asarray(x), np.asarray(y - x), 1.0, p), eps, rtol=1e-5)
+    np.testing.assert_allclose(
+      oracle.norm_after_clip(np.asarray(x), np.asarray(y - x), 1.0, p), eps, rtol=1e-5
+    )
   assert not np.allclose(ys[0], ys[1])  # fresh directions per key
 
 
 def test_random_perturbation_int_seed_and_bad_distribution():
   x = jnp.full(10, 0.5)
   np.testing.assert_array_equal(
-      clipjax.random_perturbation(3, x, 0.4), clipjax.random_perturbation(jax.random.key(3), x, 0.4)
+    clipjax.random_perturbation(3, x, 0.4), clipjax.random_perturbation(jax.random.key(3), x, 0.4)
   )
   with pytest.raises(ValueError, match="distribution"):
     clipjax.random_perturbation(0, x, 0.4, distribution="laplace")
@@ -70,7 +80,7 @@ def test_random_perturbation_int_seed_and_bad_distribution():
 def test_demo_naive_undershoots_and_clipjax_is_exact(capsys):
   kx, kd = jax.random.split(jax.random.key(0))
   x, d = jax.random.uniform(kx, (8, 28, 28)), jax.random.normal(kd, (8, 28, 28))
-  for p, eps, naive, exact in demo.compare_norms(x, d):
+  for _, eps, naive, exact in demo.compare_norms(x, d):
     np.testing.assert_allclose(np.asarray(exact), eps, rtol=1e-5)
     assert float(naive.max()) <= eps * (1 + 1e-6) and float(naive.min()) < eps
   demo.main(["--quick", "--batch", "4"])

@@ -12,17 +12,16 @@ import numpy as np
 import optax
 import pytest
 
-from clipjax import privacy
 from clipjax.privacy import (
-    AdaptiveDPAggregateState,
-    ClippingStats,
-    DPAggregateState,
-    DPNoiseState,
-    adaptive_dp_aggregate,
-    clipping_stats,
-    dp_aggregate,
-    dp_noise,
-    per_example_clip,
+  AdaptiveDPAggregateState,
+  ClippingStats,
+  DPAggregateState,
+  DPNoiseState,
+  adaptive_dp_aggregate,
+  clipping_stats,
+  dp_aggregate,
+  dp_noise,
+  per_example_clip,
 )
 
 BATCH = 16
@@ -38,27 +37,23 @@ def _tree(seed=0, batch=BATCH, dtype=np.float32):
   rng = np.random.default_rng(seed)
   scales = 10.0 ** rng.uniform(-1, 1, size=batch)
   tree = {
-      "dense": {
-          "w": rng.normal(size=(batch, 5, 3)),
-          "b": rng.normal(size=(batch, 3)),
-      },
-      "conv": rng.normal(size=(batch, 2, 2, 2)),
-      "scalar": rng.normal(size=(batch,)),
+    "dense": {
+      "w": rng.normal(size=(batch, 5, 3)),
+      "b": rng.normal(size=(batch, 3)),
+    },
+    "conv": rng.normal(size=(batch, 2, 2, 2)),
+    "scalar": rng.normal(size=(batch,)),
   }
   return jax.tree.map(
-      lambda x: jnp.asarray(
-          x * scales.reshape((-1,) + (1,) * (x.ndim - 1)), dtype
-      ),
-      tree,
+    lambda x: jnp.asarray(x * scales.reshape((-1,) + (1,) * (x.ndim - 1)), dtype),
+    tree,
   )
 
 
 def _flat(tree):
   """(batch, n) float64 NumPy matrix: the oracle's view of a per-example tree."""
   leaves = jax.tree.leaves(tree)
-  return np.concatenate(
-      [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1
-  )
+  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 
 def _oracle_clip(flat, clip_norm, p):
@@ -90,9 +85,7 @@ def test_every_example_within_bound(p):
   got_norms = np.linalg.norm(got, ord=p_num, axis=1)
   assert np.all(got_norms <= clip_norm * (1 + 1e-6))
   assert np.sum(expected_norms > clip_norm) == BATCH // 2
-  assert jax.tree.map(lambda x: x.dtype, clipped) == jax.tree.map(
-      lambda x: x.dtype, tree
-  )
+  assert jax.tree.map(lambda x: x.dtype, clipped) == jax.tree.map(lambda x: x.dtype, tree)
 
 
 @pytest.mark.parametrize("p", [1, 1.5, 2, np.inf])
@@ -120,8 +113,9 @@ def test_bad_examples_skipped_by_dp_aggregate():
   updates, _ = jax.jit(tx.update)(tree, tx.init(None))
   good = np.arange(BATCH) != 5
   expected = _oracle_clip(_flat(tree)[good], 1.0, 2)[0].sum(0) / BATCH
-  np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[None], updates))[0],
-                             expected, rtol=2e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    _flat(jax.tree.map(lambda x: x[None], updates))[0], expected, rtol=2e-6, atol=1e-7
+  )
 
 
 def test_zero_clip_norm_and_zero_gradients_no_nan():
@@ -166,31 +160,31 @@ def test_zero_noise_equals_optax_per_example_global_norm_clip_mean():
   updates, state = jax.jit(tx.update)(tree, tx.init(None))
   assert isinstance(state, DPAggregateState)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-      updates,
-      expected,
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    updates,
+    expected,
   )
   # The optax reference transformation agrees too.
   reference = optax.contrib.differentially_private_aggregate(1.5, 0.0, key=0)
   ref_updates, _ = jax.jit(reference.update)(tree, reference.init(None))
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-      updates,
-      ref_updates,
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    updates,
+    ref_updates,
   )
 
 
 def test_noise_standard_deviation_and_fresh_noise():
   clip_norm, sigma, batch, n = 0.7, 1.3, 4, 200_000
-  grads = {"w": jnp.zeros((batch, n // 2), jnp.float32),
-           "b": jnp.zeros((batch, 2, n // 4), jnp.float32)}
+  grads = {
+    "w": jnp.zeros((batch, n // 2), jnp.float32),
+    "b": jnp.zeros((batch, 2, n // 4), jnp.float32),
+  }
   tx = dp_aggregate(clip_norm, sigma, key=jax.random.key(42))
   update = jax.jit(tx.update)
   first, state = update(grads, tx.init(None))
   second, _ = update(grads, state)
-  x = np.concatenate([np.ravel(v) for v in jax.tree.leaves(first)]).astype(
-      np.float64
-  )
+  x = np.concatenate([np.ravel(v) for v in jax.tree.leaves(first)]).astype(np.float64)
   expected_std = sigma * clip_norm / batch
   assert x.dtype == np.float64 and x.size == n
   assert abs(x.std() / expected_std - 1) < 6 * _std_error_of_std(n)
@@ -223,8 +217,8 @@ def test_chen_wu_hong_one_dimensional_example():
   batch = jnp.tile(grads, (draws, 1))  # every copy gets its own ζ_i
   tx = dp_aggregate(1.0, 0.0, key=jax.random.key(7), pre_clip_noise=1.0)
   clipped, _ = _clip(
-      batch + jax.random.normal(jax.random.key(8), batch.shape, jnp.float32),
-      1.0,
+    batch + jax.random.normal(jax.random.key(8), batch.shape, jnp.float32),
+    1.0,
   )
   # The estimate averages i.i.d. pairs; their spread gives its standard error.
   pairs = clipped[:, 0].reshape(draws, 2).mean(axis=1)
@@ -268,7 +262,7 @@ def test_inject_hyperparams_dp_aggregate():
   tree = {"w": _tree()["dense"]["w"], "b": _tree()["scalar"]}
   params = jax.tree.map(lambda x: x[0], tree)
   tx = optax.inject_hyperparams(dp_aggregate, static_args=("p",))(
-      clip_norm=1.0, noise_multiplier=0.0, key=0, pre_clip_noise=0.0
+    clip_norm=1.0, noise_multiplier=0.0, key=0, pre_clip_noise=0.0
   )
   state = tx.init(params)
   state.hyperparams["clip_norm"] = jnp.asarray(0.25)
@@ -282,8 +276,8 @@ def test_inject_hyperparams_dp_aggregate():
   noisy, _ = jax.jit(tx.update)(tree, state, params)
   assert not np.allclose(_flat(jax.tree.map(lambda x: x[None], noisy))[0], got)
   # A traced p gets a helpful message.
+  bad = optax.inject_hyperparams(dp_aggregate)(1.0, 0.0, key=0)
   with pytest.raises(ValueError, match="static_args"):
-    bad = optax.inject_hyperparams(dp_aggregate)(1.0, 0.0, key=0)
     jax.jit(bad.update)(tree, bad.init(params), params)
 
 
@@ -311,8 +305,10 @@ def _norm_tree(norms, dim=6, seed=0):
   rng = np.random.default_rng(seed)
   u = rng.normal(size=(len(norms), dim))
   u *= (np.asarray(norms) / np.linalg.norm(u, axis=1))[:, None]
-  return {"a": jnp.asarray(u[:, :2], jnp.float32),
-          "b": jnp.asarray(u[:, 2:].reshape(-1, 2, 2), jnp.float32)}
+  return {
+    "a": jnp.asarray(u[:, :2], jnp.float32),
+    "b": jnp.asarray(u[:, 2:].reshape(-1, 2, 2), jnp.float32),
+  }
 
 
 def test_adaptive_deterministic_trajectory():
@@ -321,8 +317,12 @@ def test_adaptive_deterministic_trajectory():
   flat = _flat(grads)
   gamma, eta, c = 0.3, 0.4, 0.1
   tx = adaptive_dp_aggregate(
-      c, 0.0, key=0, target_quantile=gamma, clip_learning_rate=eta,
-      count_noise_stddev=0.0,
+    c,
+    0.0,
+    key=0,
+    target_quantile=gamma,
+    clip_learning_rate=eta,
+    count_noise_stddev=0.0,
   )
   state = tx.init(None)
   assert isinstance(state, AdaptiveDPAggregateState)
@@ -332,8 +332,10 @@ def test_adaptive_deterministic_trajectory():
     # The update uses the clip norm from before this step's adaptation.
     expected = _oracle_clip(flat, c, 2)[0].mean(0)
     np.testing.assert_allclose(
-        _flat(jax.tree.map(lambda x: x[None], updates))[0], expected,
-        rtol=1e-5, atol=1e-7,
+      _flat(jax.tree.map(lambda x: x[None], updates))[0],
+      expected,
+      rtol=1e-5,
+      atol=1e-7,
     )
     fraction = np.mean(norms <= c)
     c = c * math.exp(-eta * (fraction - gamma))
@@ -357,7 +359,7 @@ def test_adaptive_tracks_median_with_count_noise(initial):
   tx = adaptive_dp_aggregate(initial, noise_multiplier, key=jax.random.key(0))
 
   def step(carry, key):
-    state, = carry
+    (state,) = carry
     # Fresh per-example gradients each step: random directions in R^8 with
     # log-normal norms whose median is exactly 1.
     direction = jax.random.normal(key, (batch, 8), jnp.float32)
@@ -367,9 +369,9 @@ def test_adaptive_tracks_median_with_count_noise(initial):
     return (state,), state.clip_norm
 
   _, trajectory = jax.jit(lambda s, k: jax.lax.scan(step, (s,), k))(
-      tx.init(None), jax.random.split(jax.random.key(1), steps)
+    tx.init(None), jax.random.split(jax.random.key(1), steps)
   )
-  tail = np.log(np.asarray(trajectory[steps // 2:]))
+  tail = np.log(np.asarray(trajectory[steps // 2 :]))
   # The 0.45 and 0.55 quantiles of the log-normal norm are exp(∓0.126).
   assert abs(tail.mean()) < 0.126
   assert np.all(np.abs(tail) < 0.4)
@@ -379,8 +381,7 @@ def test_noise_split_formula():
   batch, n, z, clip_norm = 20, 200_000, 1.0, 0.5
   grads = {"w": jnp.zeros((batch, n), jnp.float32)}
   for sigma_b in (None, 0.6):
-    tx = adaptive_dp_aggregate(clip_norm, z, key=jax.random.key(3),
-                               count_noise_stddev=sigma_b)
+    tx = adaptive_dp_aggregate(clip_norm, z, key=jax.random.key(3), count_noise_stddev=sigma_b)
     updates, state = jax.jit(tx.update)(grads, tx.init(None))
     sigma_b = batch / 20 if sigma_b is None else sigma_b
     z_sum = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
@@ -405,9 +406,7 @@ def test_noise_split_refused():
   assert np.all(np.isfinite(updates))
   # Traced values cannot be checked: the invalid split gives NaN, not a
   # finite wrong answer.
-  tx = optax.inject_hyperparams(adaptive_dp_aggregate)(
-      1.0, 1.0, key=0, count_noise_stddev=2.0
-  )
+  tx = optax.inject_hyperparams(adaptive_dp_aggregate)(1.0, 1.0, key=0, count_noise_stddev=2.0)
   params = jnp.zeros(3)
   state = tx.init(params)
   state.hyperparams["noise_multiplier"] = jnp.asarray(5.0)
@@ -428,16 +427,13 @@ def test_inject_hyperparams_adaptive():
   norms = np.array([0.2, 0.5, 1.0, 1.5, 3.0, 4.0, 8.0])
   grads = _norm_tree(norms)
   params = jax.tree.map(lambda x: x[0], grads)
-  tx = optax.inject_hyperparams(adaptive_dp_aggregate)(
-      1.0, 0.0, key=0, count_noise_stddev=0.0
-  )
+  tx = optax.inject_hyperparams(adaptive_dp_aggregate)(1.0, 0.0, key=0, count_noise_stddev=0.0)
   state = tx.init(params)
   state.hyperparams["clip_learning_rate"] = jnp.asarray(0.5)
   state.hyperparams["target_quantile"] = jnp.asarray(0.9)
   _, state = jax.jit(tx.update)(grads, state, params)
   expected = math.exp(-0.5 * (np.mean(norms <= 1.0) - 0.9))
-  np.testing.assert_allclose(float(state.inner_state.clip_norm), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(state.inner_state.clip_norm), expected, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- clipping_stats
@@ -453,9 +449,7 @@ def test_clipping_stats_against_oracle():
   np.testing.assert_allclose(stats.fraction_clipped, np.mean(norms > 2.0))
   np.testing.assert_allclose(stats.mean_norm, norms.mean(), rtol=1e-6)
   np.testing.assert_allclose(stats.bias_norm, np.linalg.norm(a - b), rtol=1e-5)
-  np.testing.assert_allclose(
-      stats.cosine, a @ b / np.linalg.norm(a) / np.linalg.norm(b), rtol=1e-5
-  )
+  np.testing.assert_allclose(stats.cosine, a @ b / np.linalg.norm(a) / np.linalg.norm(b), rtol=1e-5)
 
 
 def test_clipping_stats_safe_when_zero():
@@ -516,7 +510,7 @@ def test_dp_noise_validates():
 
 
 _SHARDED_SCRIPT = textwrap.dedent(
-    """
+  """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import clipjax
@@ -549,11 +543,13 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_batch_axis_sharded_over_explicit_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-      text=True, timeout=120,
+    [sys.executable, "-c", _SHARDED_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout

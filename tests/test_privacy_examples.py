@@ -24,8 +24,7 @@ def test_clipping_bias_smoke(tmp_path):
     assert np.all(np.abs(mc - exact) <= 6 * err + 1e-4)
   # Without perturbation x = 1 looks stationary; k = 1 points back to 0.
   module = _load("clipping_bias")
-  at_one = list(np.unique(np.concatenate([
-      np.linspace(-4, 4, 17), module.TABLE_XS]))).index(1.0)
+  at_one = list(np.unique(np.concatenate([np.linspace(-4, 4, 17), module.TABLE_XS]))).index(1.0)
   assert results[0.0][0][at_one] == 0.0
   mc, err, _ = results[1.0]
   assert abs(mc[at_one] - 0.0413) < 6 * err[at_one] + 1e-4

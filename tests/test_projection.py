@@ -92,11 +92,11 @@ def _case(seed, p, eps, far, unit_box=False, shape=_SHAPE):
 
 def _cases(p):
   return st.builds(
-      _case,
-      seed=st.integers(0, 2**32 - 1),
-      p=st.just(p),
-      eps=st.sampled_from([1e-4, 1e-2, 0.1, 0.5, 1.5, 10.0]),
-      far=st.sampled_from([0.5, 1.5, 4.0, 20.0]),
+    _case,
+    seed=st.integers(0, 2**32 - 1),
+    p=st.just(p),
+    eps=st.sampled_from([1e-4, 1e-2, 0.1, 0.5, 1.5, 10.0]),
+    far=st.sampled_from([0.5, 1.5, 4.0, 20.0]),
   )
 
 
@@ -208,7 +208,9 @@ def test_clip_inside_ball_is_returned_unchanged(p, dtype):
 
 def test_p_spellings():
   y, c, eps, _, _ = _case(0, math.inf, 0.1, 4.0, unit_box=True)
-  results = [clipjax.project_ball_box(y, c, eps, p=p) for p in (jnp.inf, float("inf"), "inf", "INF")]
+  results = [
+    clipjax.project_ball_box(y, c, eps, p=p) for p in (jnp.inf, float("inf"), "inf", "INF")
+  ]
   for z in results[1:]:
     np.testing.assert_array_equal(z, results[0])
 
@@ -254,7 +256,9 @@ def test_pytree_equals_flat_vector(p):
   tree = _project(_split(y), _split(c), eps, p=p, lower=_split(lo), upper=1.0)
   flat = _project(y, c, eps, p=p, lower=lo, upper=np.ones(_SHAPE))
   assert jax.tree.structure(tree) == jax.tree.structure(_split(y))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-14), tree, _split(flat))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-14), tree, _split(flat)
+  )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -262,10 +266,14 @@ def test_pytree_equals_flat_vector(p):
 def test_vmap_with_per_example_eps_agrees_with_jit(p, dtype):
   cases = [_case(s, p, e, 4.0) for s, e in enumerate([1e-3, 0.1, 0.5, 1.0, 10.0])]
   ys, cs, epss, los, his = _as(dtype, *(np.stack([case[i] for case in cases]) for i in range(5)))
-  batched = jax.vmap(lambda y, c, e, lo, hi: _project(y, c, e, p=p, lower=lo, upper=hi))(ys, cs, epss, los, his)
+  batched = jax.vmap(lambda y, c, e, lo, hi: _project(y, c, e, p=p, lower=lo, upper=hi))(
+    ys, cs, epss, los, his
+  )
   for i in range(len(cases)):
     one = _project(ys[i], cs[i], float(epss[i]), p=p, lower=los[i], upper=his[i])
-    np.testing.assert_allclose(batched[i], one, rtol=0, atol=1e-6 if dtype == jnp.float32 else 1e-14)
+    np.testing.assert_allclose(
+      batched[i], one, rtol=0, atol=1e-6 if dtype == jnp.float32 else 1e-14
+    )
 
 
 def _fd_grad(f, x, h=1e-6):
@@ -293,7 +301,7 @@ def test_grad_matches_finite_differences(p):
     args = [y, c, {1: 0.8, 2: 0.5, math.inf: 0.3}[p], lo, hi]
     grads = grad(w, *args)
     for i in range(5):
-      f = lambda v, i=i: float(loss(w, *args[:i], v, *args[i + 1:]))
+      f = lambda v, i=i, w=w, args=args: float(loss(w, *args[:i], v, *args[i + 1 :]))
       np.testing.assert_allclose(grads[i], _fd_grad(f, args[i]), rtol=1e-6, atol=1e-7)
   # Where clip(y) is inside the ball the projection is the clip, and so is its Jacobian.
   y = c + np.clip(rng.normal(size=_SHAPE), -0.01, 0.01)
@@ -311,24 +319,24 @@ _C = np.array([0.1, 0.5, 1.0])
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(p=3), "p"),
-        (dict(p=0.5), "p"),
-        (dict(p="two"), "p"),
-        (dict(eps=-0.1), "eps"),
-        (dict(eps=np.nan), "eps"),
-        (dict(eps=np.ones(3)), "eps"),
-        (dict(center=np.array([0.1, 0.5, 1.1])), "center"),
-        (dict(center=np.array([0.1, 0.5])), "center"),
-        (dict(center={"a": _C}), "center"),
-        (dict(y=np.array([0.2, np.nan, 1.4])), "y"),
-        (dict(y=np.array([0.2, np.inf, 1.4])), "y"),
-        (dict(lower=np.array([0.0, 0.6, 0.0])), "lower"),
-        (dict(lower=np.zeros(2)), "lower"),
-        (dict(upper=np.array([1.0, np.nan, 1.0])), "upper"),
-        (dict(upper={"a": 1.0}), "upper"),
-    ],
+  "kwargs, name",
+  [
+    (dict(p=3), "p"),
+    (dict(p=0.5), "p"),
+    (dict(p="two"), "p"),
+    (dict(eps=-0.1), "eps"),
+    (dict(eps=np.nan), "eps"),
+    (dict(eps=np.ones(3)), "eps"),
+    (dict(center=np.array([0.1, 0.5, 1.1])), "center"),
+    (dict(center=np.array([0.1, 0.5])), "center"),
+    (dict(center={"a": _C}), "center"),
+    (dict(y=np.array([0.2, np.nan, 1.4])), "y"),
+    (dict(y=np.array([0.2, np.inf, 1.4])), "y"),
+    (dict(lower=np.array([0.0, 0.6, 0.0])), "lower"),
+    (dict(lower=np.zeros(2)), "lower"),
+    (dict(upper=np.array([1.0, np.nan, 1.0])), "upper"),
+    (dict(upper={"a": 1.0}), "upper"),
+  ],
 )
 def test_bad_input_raises(kwargs, name):
   args = dict(y=_Y, center=_C, eps=0.2, p=2, lower=0.0, upper=1.0) | kwargs
@@ -338,15 +346,15 @@ def test_bad_input_raises(kwargs, name):
 
 @pytest.mark.parametrize("p", _PS)
 @pytest.mark.parametrize(
-    "name, value",
-    [
-        ("eps", -0.1),
-        ("eps", np.nan),
-        ("center", [0.1, 0.5, 1.1]),
-        ("y", [0.2, np.nan, 1.4]),
-        ("lower", [0.0, 0.6, 0.0]),
-        ("upper", [1.0, np.inf, 1.0]),
-    ],
+  "name, value",
+  [
+    ("eps", -0.1),
+    ("eps", np.nan),
+    ("center", [0.1, 0.5, 1.1]),
+    ("y", [0.2, np.nan, 1.4]),
+    ("lower", [0.0, 0.6, 0.0]),
+    ("upper", [1.0, np.inf, 1.0]),
+  ],
 )
 def test_invalid_input_under_jit_is_nan(p, name, value):
   tile = lambda v: np.resize(np.asarray(v, np.float64), _SHAPE)

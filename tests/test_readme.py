@@ -28,7 +28,7 @@ def test_python_snippets_run():
   assert len(blocks) >= 6
   program = "\n".join(blocks)
   result = subprocess.run(
-      [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=600
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "3.6" in result.stdout

@@ -7,22 +7,28 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import clipjax
-import oracle
 
 rescale_module = importlib.import_module("clipjax.rescale")
 
 P_VALUES = [1.0, 1.5, 2.0, 3.0, 7.0, math.inf]
 METHODS = ["newton", "sort", "bisect", "auto"]
 SOLVER_CASES = [
-    (2.0, "newton"), (2.0, "sort"), (2.0, "bisect"), (1.0, "newton"), (7.0, "sort"), (math.inf, "newton")
+  (2.0, "newton"),
+  (2.0, "sort"),
+  (2.0, "bisect"),
+  (1.0, "newton"),
+  (7.0, "sort"),
+  (math.inf, "newton"),
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(p, method):
   return jax.jit(functools.partial(clipjax.rescale, p=p, method=method))
 
@@ -52,11 +58,11 @@ def random_case(rng, n, *, heavy=False, array_bounds=False, dtype=np.float64):
 
 @settings(max_examples=20)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    p=st.sampled_from(P_VALUES),
-    fraction=st.sampled_from([0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0, 1.3]),
-    heavy=st.booleans(),
-    array_bounds=st.booleans(),
+  seed=st.integers(0, 2**31 - 1),
+  p=st.sampled_from(P_VALUES),
+  fraction=st.sampled_from([0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0, 1.3]),
+  heavy=st.booleans(),
+  array_bounds=st.booleans(),
 )
 def test_matches_oracle_float64(seed, p, fraction, heavy, array_bounds):
   rng = np.random.default_rng(seed)
@@ -82,10 +88,10 @@ def pad(v, fill=0.0, size=64):
 
 @settings(max_examples=20)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    p=st.sampled_from(P_VALUES),
-    fraction=st.sampled_from([0.01, 0.3, 0.7, 0.95, 1.2]),
-    heavy=st.booleans(),
+  seed=st.integers(0, 2**31 - 1),
+  p=st.sampled_from(P_VALUES),
+  fraction=st.sampled_from([0.01, 0.3, 0.7, 0.95, 1.2]),
+  heavy=st.booleans(),
 )
 def test_matches_oracle_float32(seed, p, fraction, heavy):
   rng = np.random.default_rng(seed)
@@ -100,8 +106,12 @@ def test_matches_oracle_float32(seed, p, fraction, heavy):
     eta = jitted(p, method)(x, d, eps)
     assert eta.dtype == jnp.float32
     reached = oracle.norm_after_clip(x, d, float(eta), p)
-    np.testing.assert_allclose(reached, min(float(eps), oracle.max_norm(x, d, p)), rtol=1e-5, err_msg=method)
-    np.testing.assert_allclose(float(eta), want, rtol=(1e-6 if p == math.inf else 1e-5 * cond), err_msg=method)
+    np.testing.assert_allclose(
+      reached, min(float(eps), oracle.max_norm(x, d, p)), rtol=1e-5, err_msg=method
+    )
+    np.testing.assert_allclose(
+      float(eta), want, rtol=(1e-6 if p == math.inf else 1e-5 * cond), err_msg=method
+    )
 
 
 def test_sorted_oracle_matches_oracle():
@@ -109,7 +119,9 @@ def test_sorted_oracle_matches_oracle():
   for p in [1.0, 2.0, 3.0]:
     x, d, lo, hi = random_case(rng, 300, heavy=True, array_bounds=True)
     eps = 0.5 * oracle.max_norm(x, d, p, lo, hi)
-    assert oracle.rescale_sorted(x, d, eps, p, lo, hi) == pytest.approx(oracle.rescale(x, d, eps, p, lo, hi), rel=1e-12)
+    assert oracle.rescale_sorted(x, d, eps, p, lo, hi) == pytest.approx(
+      oracle.rescale(x, d, eps, p, lo, hi), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
@@ -140,7 +152,9 @@ def test_float32_rows_long_enough_to_sample():
   d = rng.standard_normal((3, n)).astype(np.float32)
   d[1] /= rng.standard_normal(n).astype(np.float32)  # Cauchy directions
   for p in [1.0, 2.0]:
-    eps = np.array([f * oracle.max_norm(a, b, p) for f, a, b in zip((0.5, 0.3, 0.9), x, d)], np.float32)
+    eps = np.array(
+      [f * oracle.max_norm(a, b, p) for f, a, b in zip((0.5, 0.3, 0.9), x, d)], np.float32
+    )
     eta = jax.jit(jax.vmap(functools.partial(clipjax.rescale, p=p)))(x, d, eps)
     want = [oracle.rescale_sorted(a, b, e, p) for a, b, e in zip(x, d, eps)]
     np.testing.assert_allclose(eta, want, rtol=1e-6, err_msg=str(p))
@@ -161,7 +175,9 @@ def test_large_p_heavy_tails_float32_no_overflow(method):
     np.testing.assert_allclose(eta, oracle.rescale(x, d, float(eps), 7), rtol=1e-4)
   # Tiny eps: every power of the step underflows unless scaled.
   eps = np.float32(1e-6)
-  np.testing.assert_allclose(float(jitted(7.0, method)(x, d, eps)), oracle.rescale(x, d, 1e-6, 7), rtol=1e-4)
+  np.testing.assert_allclose(
+    float(jitted(7.0, method)(x, d, eps)), oracle.rescale(x, d, 1e-6, 7), rtol=1e-4
+  )
 
 
 def test_methods_agree_on_image_batch():
@@ -230,7 +246,9 @@ def test_half_precision_computed_in_float32(dtype):
 def test_auto_picks_the_measured_method(monkeypatch):
   """auto: the sort on one GPU for rows up to _GPU_SORT_MAX_ROW, else newton."""
   limit = rescale_module._GPU_SORT_MAX_ROW
-  box = lambda *shapes: rescale_module._prepare([np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes], 0.0, 1.0)[0]
+  box = lambda *shapes: rescale_module._prepare(
+    [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes], 0.0, 1.0
+  )[0]
   resolve = rescale_module._resolve_method
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert resolve("auto", box((limit,))) == "newton"
@@ -275,13 +293,17 @@ def test_pytree_equals_flat_vector(p, method):
   bcast = lambda b: [np.broadcast_to(lb, np.shape(lx)) for lb, lx in zip(leaves(b), leaves(x))]
   flat_x, flat_d = oracle.flat(leaves(x)), oracle.flat(leaves(d))
   flat_lo, flat_hi = oracle.flat(bcast(lower)), oracle.flat(bcast(upper))
-  np.testing.assert_allclose(eta, oracle.rescale(flat_x, flat_d, eps, p, flat_lo, flat_hi), rtol=1e-10)
-  flat_eta = float(clipjax.rescale(flat_x, flat_d, eps, p=p, lower=flat_lo, upper=flat_hi, method=method))
+  np.testing.assert_allclose(
+    eta, oracle.rescale(flat_x, flat_d, eps, p, flat_lo, flat_hi), rtol=1e-10
+  )
+  flat_eta = float(
+    clipjax.rescale(flat_x, flat_d, eps, p=p, lower=flat_lo, upper=flat_hi, method=method)
+  )
   np.testing.assert_allclose(eta, flat_eta, rtol=1e-12)
   y = clipjax.perturb(x, d, eps, p=p, lower=lower, upper=upper, method=method)
   assert jax.tree.structure(y) == jax.tree.structure(x)
   np.testing.assert_allclose(
-      oracle.norm_after_clip(flat_x, flat_d, eta, p, flat_lo, flat_hi), eps, rtol=1e-10
+    oracle.norm_after_clip(flat_x, flat_d, eta, p, flat_lo, flat_hi), eps, rtol=1e-10
   )
 
 
@@ -314,21 +336,29 @@ def test_vmap_mixed_batching_and_nesting():
       np.testing.assert_allclose(float(nested[i, j]), want, rtol=1e-10)
   # One x, many directions; one direction, many eps; a batched bound of lower rank.
   shared_x = jax.vmap(lambda d: clipjax.rescale(x[0, 0], d, 0.5))(d[:, 0])
-  np.testing.assert_allclose(shared_x, [oracle.rescale(x[0, 0], dd, 0.5, 2) for dd in d[:, 0]], rtol=1e-10)
+  np.testing.assert_allclose(
+    shared_x, [oracle.rescale(x[0, 0], dd, 0.5, 2) for dd in d[:, 0]], rtol=1e-10
+  )
   many_eps = jax.vmap(lambda e: clipjax.rescale(x[0, 0], d[0, 0], e))(eps[0])
-  np.testing.assert_allclose(many_eps, [oracle.rescale(x[0, 0], d[0, 0], e, 2) for e in eps[0]], rtol=1e-10)
+  np.testing.assert_allclose(
+    many_eps, [oracle.rescale(x[0, 0], d[0, 0], e, 2) for e in eps[0]], rtol=1e-10
+  )
   row_upper = np.ones((4, 1))  # (1,) per example, broadcast against (10,)
-  low_rank = jax.vmap(lambda x, d, hi: clipjax.rescale(x, d, 0.5, upper=hi))(x[:, 0], d[:, 0], row_upper)
-  np.testing.assert_allclose(low_rank, [oracle.rescale(a, b, 0.5, 2) for a, b in zip(x[:, 0], d[:, 0])], rtol=1e-10)
+  low_rank = jax.vmap(lambda x, d, hi: clipjax.rescale(x, d, 0.5, upper=hi))(
+    x[:, 0], d[:, 0], row_upper
+  )
+  np.testing.assert_allclose(
+    low_rank, [oracle.rescale(a, b, 0.5, 2) for a, b in zip(x[:, 0], d[:, 0])], rtol=1e-10
+  )
 
 
 @pytest.mark.parametrize(
-    "strategy, patches",
-    [
-        ("one row at a time", {"_ROW_ELEMENTS": 1}),
-        ("groups of two rows and a rest", {"_ROW_ELEMENTS": 10**9, "_GROUP_ELEMENTS": 160}),
-        ("lockstep", {"_row_by_row": lambda tree: False}),
-    ],
+  "strategy, patches",
+  [
+    ("one row at a time", {"_ROW_ELEMENTS": 1}),
+    ("groups of two rows and a rest", {"_ROW_ELEMENTS": 10**9, "_GROUP_ELEMENTS": 160}),
+    ("lockstep", {"_row_by_row": lambda tree: False}),
+  ],
 )
 def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
   """Every batching strategy of the custom_vmap rule gives the unbatched numbers."""
@@ -345,8 +375,12 @@ def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
     shared_bounds = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None, None)))(unit_x, d, eps, 0.0, 1.0)
     loop = [float(f(*args)) for args in zip(x, d, eps, lo, hi)]  # no vmap: no batching rule
     np.testing.assert_allclose(batched, loop, rtol=1e-12, err_msg=strategy)
-    np.testing.assert_allclose(batched, [oracle.rescale(*a, p, l, h) for *a, l, h in zip(x, d, eps, lo, hi)], rtol=1e-10)
-    np.testing.assert_allclose(shared_bounds, [oracle.rescale(a, b, e, p) for a, b, e in zip(unit_x, d, eps)], rtol=1e-10)
+    np.testing.assert_allclose(
+      batched, [oracle.rescale(*a, p, l, h) for *a, l, h in zip(x, d, eps, lo, hi)], rtol=1e-10
+    )
+    np.testing.assert_allclose(
+      shared_bounds, [oracle.rescale(a, b, e, p) for a, b, e in zip(unit_x, d, eps)], rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
@@ -362,12 +396,16 @@ def test_chunked_reductions_match_oracle(monkeypatch, method):
   shapes = [(3,), (8,), (83,), (5, 13)]
   flat = lambda v: np.concatenate([np.ravel(a) for a in v])
   for p in [1.0, 2.5, math.inf]:
-    f = jax.jit(lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi, method=method))
+    f = jax.jit(
+      lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi, method=method)
+    )
     jaxpr = str(jax.make_jaxpr(f)(*[[np.ones(s) for s in shapes]] * 2, 1.0, 0.0, 2.0))
     assert " reduce[" in jaxpr  # the variadic first stage is there
     rows = []
     for i, fraction in enumerate([0.05, 0.5, 0.95, 1.2]):
-      leaves = [random_case(rng, math.prod(s), heavy=bool(i % 2), array_bounds=True) for s in shapes]
+      leaves = [
+        random_case(rng, math.prod(s), heavy=bool(i % 2), array_bounds=True) for s in shapes
+      ]
       x, d, lo, hi = ([np.reshape(v, s) for v, s in zip(vs, shapes)] for vs in zip(*leaves))
       eps = fraction * oracle.max_norm(flat(x), flat(d), p, flat(lo), flat(hi))
       want = oracle.rescale(flat(x), flat(d), eps, p, flat(lo), flat(hi))
@@ -402,7 +440,9 @@ def test_sampled_warm_start_matches_oracle(monkeypatch):
     @jax.jit
     def starts(box, eps):
       probe = rescale_module._sample_probe(box, eps, p, 0)
-      return tuple(rescale_module._first_pass(box, eps, p, 0, probe).start for probe in (None, probe))
+      return tuple(
+        rescale_module._first_pass(box, eps, p, 0, probe).start for probe in (None, probe)
+      )
 
     cases = []
     for i, fraction in enumerate(fractions):
@@ -453,7 +493,9 @@ def gradient_case(seed, n=12):
   return x, d
 
 
-@pytest.mark.parametrize("p, method", [(p, "newton") for p in P_VALUES] + [(2.0, "sort"), (3.0, "bisect")])
+@pytest.mark.parametrize(
+  "p, method", [(p, "newton") for p in P_VALUES] + [(2.0, "sort"), (3.0, "bisect")]
+)
 @pytest.mark.parametrize("fraction", [0.5, 1.5])
 def test_gradients_match_finite_differences(p, method, fraction):
   x, d = gradient_case(10 * P_VALUES.index(p) + int(fraction * 10))
@@ -462,10 +504,10 @@ def test_gradients_match_finite_differences(p, method, fraction):
   f = lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo, method=method)
   grads = jax.grad(f, argnums=(0, 1, 2, 3))(x, d, eps, lo)
   numeric = [
-      finite_difference(lambda v: oracle.rescale(v, d, eps, p, lo, 1.0), x),
-      finite_difference(lambda v: oracle.rescale(x, v, eps, p, lo, 1.0), d),
-      finite_difference(lambda v: oracle.rescale(x, d, float(v), p, lo, 1.0), eps),
-      finite_difference(lambda v: oracle.rescale(x, d, eps, p, v, 1.0), lo),
+    finite_difference(lambda v: oracle.rescale(v, d, eps, p, lo, 1.0), x),
+    finite_difference(lambda v: oracle.rescale(x, v, eps, p, lo, 1.0), d),
+    finite_difference(lambda v: oracle.rescale(x, d, float(v), p, lo, 1.0), eps),
+    finite_difference(lambda v: oracle.rescale(x, d, eps, p, v, 1.0), lo),
   ]
   for g, want in zip(grads, numeric):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-7)
@@ -534,25 +576,25 @@ GOOD = dict(x=np.array([0.2, 0.5]), delta=np.array([1.0, -1.0]), eps=0.3)
 
 
 @pytest.mark.parametrize(
-    "change, name",
-    [
-        (dict(x=np.array([1.2, 0.5])), "x"),
-        (dict(x=np.array([-0.1, 0.5])), "x"),
-        (dict(eps=-0.1), "eps"),
-        (dict(eps=np.nan), "eps"),
-        (dict(eps=np.inf), "eps"),
-        (dict(x=np.array([np.nan, 0.5])), "x"),
-        (dict(delta=np.array([np.inf, 0.0])), "delta"),
-        (dict(delta=np.array([1.0, 2.0, 3.0])), "delta"),
-        (dict(delta={"a": np.array([1.0, 2.0])}), "delta"),
-        (dict(lower=1.0, upper=0.0), "lower"),
-        (dict(lower=np.array([0.0, 0.0, 0.0])), "lower"),
-        (dict(upper=np.nan), "upper"),
-        (dict(p=0.5), "p"),
-        (dict(p="two"), "p"),
-        (dict(method="magic"), "method"),
-        (dict(eps=np.array([0.1, 0.2])), "eps"),
-    ],
+  "change, name",
+  [
+    (dict(x=np.array([1.2, 0.5])), "x"),
+    (dict(x=np.array([-0.1, 0.5])), "x"),
+    (dict(eps=-0.1), "eps"),
+    (dict(eps=np.nan), "eps"),
+    (dict(eps=np.inf), "eps"),
+    (dict(x=np.array([np.nan, 0.5])), "x"),
+    (dict(delta=np.array([np.inf, 0.0])), "delta"),
+    (dict(delta=np.array([1.0, 2.0, 3.0])), "delta"),
+    (dict(delta={"a": np.array([1.0, 2.0])}), "delta"),
+    (dict(lower=1.0, upper=0.0), "lower"),
+    (dict(lower=np.array([0.0, 0.0, 0.0])), "lower"),
+    (dict(upper=np.nan), "upper"),
+    (dict(p=0.5), "p"),
+    (dict(p="two"), "p"),
+    (dict(method="magic"), "method"),
+    (dict(eps=np.array([0.1, 0.2])), "eps"),
+  ],
 )
 def test_bad_input_raises_naming_argument(change, name):
   kwargs = {**GOOD, **change}
@@ -562,15 +604,15 @@ def test_bad_input_raises_naming_argument(change, name):
 
 
 @pytest.mark.parametrize(
-    "x, delta, eps, lower",
-    [
-        ([1.2, 0.5], [1.0, -1.0], 0.3, 0.0),
-        ([0.2, 0.5], [1.0, -1.0], -0.3, 0.0),
-        ([np.nan, 0.5], [1.0, -1.0], 0.3, 0.0),
-        ([0.2, 0.5], [np.inf, -1.0], 0.3, 0.0),
-        ([0.2, 0.5], [1.0, -1.0], np.nan, 0.0),
-        ([0.2, 0.5], [1.0, -1.0], 0.3, 0.9),
-    ],
+  "x, delta, eps, lower",
+  [
+    ([1.2, 0.5], [1.0, -1.0], 0.3, 0.0),
+    ([0.2, 0.5], [1.0, -1.0], -0.3, 0.0),
+    ([np.nan, 0.5], [1.0, -1.0], 0.3, 0.0),
+    ([0.2, 0.5], [np.inf, -1.0], 0.3, 0.0),
+    ([0.2, 0.5], [1.0, -1.0], np.nan, 0.0),
+    ([0.2, 0.5], [1.0, -1.0], 0.3, 0.9),
+  ],
 )
 @pytest.mark.parametrize("p", [2.0, math.inf])
 def test_bad_input_under_jit_is_nan(x, delta, eps, lower, p):

@@ -20,9 +20,7 @@ P_VALUES = [1, 1.5, 2, 3, math.inf]
 
 
 def _flat(tree):
-  return np.concatenate(
-      [np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(tree)]
-  )
+  return np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(tree)])
 
 
 def _norm(v, p):
@@ -47,19 +45,21 @@ def _bounds_like(bound, params):
     leaves = jax.tree.leaves(bound)
   else:
     leaves = [bound] * len(jax.tree.leaves(params))
-  return np.concatenate([
+  return np.concatenate(
+    [
       np.broadcast_to(np.asarray(b, np.float64), np.shape(x)).ravel()
       for b, x in zip(leaves, jax.tree.leaves(params))
-  ])
+    ]
+  )
 
 
 def _expected_norm(params, updates, norm, lower, upper, p):
   reach = _reachable(
-      _flat(params),
-      _flat(updates),
-      _bounds_like(lower, params),
-      _bounds_like(upper, params),
-      p,
+    _flat(params),
+    _flat(updates),
+    _bounds_like(lower, params),
+    _bounds_like(upper, params),
+    p,
   )
   return min(norm, reach)
 
@@ -75,15 +75,13 @@ def _assert_in_box(params, lower, upper):
 
 def _params(rng, lower, upper, dtype=np.float64):
   return {
-      "w": jnp.asarray(rng.uniform(lower, upper, (6, 5)), dtype),
-      "b": jnp.asarray(rng.uniform(lower, upper, (7,)), dtype),
+    "w": jnp.asarray(rng.uniform(lower, upper, (6, 5)), dtype),
+    "b": jnp.asarray(rng.uniform(lower, upper, (7,)), dtype),
   }
 
 
 def _direction(rng, params, drift=0.0):
-  return jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(drift, 1.0, x.shape), x.dtype), params
-  )
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(drift, 1.0, x.shape), x.dtype), params)
 
 
 # ---------------------------------------------------------------------------
@@ -95,8 +93,8 @@ def _direction(rng, params, drift=0.0):
 def _descent_step(grads, params, norm, lower, upper, *, p):
   # norm is an argument, so one compilation serves every norm for each p.
   tx = optax.chain(
-      optax.scale(-1.0),
-      clipjax.clipping_aware_normalize(norm, p=p, lower=lower, upper=upper),
+    optax.scale(-1.0),
+    clipjax.clipping_aware_normalize(norm, p=p, lower=lower, upper=upper),
   )
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
@@ -116,9 +114,7 @@ def test_exact_norm_over_many_steps(p, per_coordinate):
     # A drift whose sign flips every 5 steps pins coordinates on both bounds.
     grads = _direction(rng, params, drift=(-1) ** (step // 5))
     updates = _descent_step(grads, params, norm, lower, upper, p=p)
-    expected = _expected_norm(
-        params, jax.tree.map(jnp.negative, grads), norm, lower, upper, p
-    )
+    expected = _expected_norm(params, jax.tree.map(jnp.negative, grads), norm, lower, upper, p)
     reached += expected == norm
     new_params = optax.apply_updates(params, updates)
     moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_params, params)
@@ -154,8 +150,8 @@ def test_pytree_and_array_bounds():
   lower = {"w": -0.5, "b": jnp.asarray(np.linspace(0.0, 1.0, 7))}
   upper = {"w": jnp.full((1, 5), 0.5), "b": jnp.asarray(np.linspace(1.0, 3.0, 7))}
   params = {
-      "w": jnp.asarray(rng.uniform(-0.5, 0.5, (6, 5))),
-      "b": lower["b"] + rng.uniform(0.0, 1.0, 7) * (upper["b"] - lower["b"]),
+    "w": jnp.asarray(rng.uniform(-0.5, 0.5, (6, 5))),
+    "b": lower["b"] + rng.uniform(0.0, 1.0, 7) * (upper["b"] - lower["b"]),
   }
   tx = clipjax.clipping_aware_normalize(0.9, p=2, lower=lower, upper=upper)
   state = tx.init(params)
@@ -173,9 +169,9 @@ def test_inject_hyperparams_follows_a_schedule():
   rng = np.random.default_rng(3)
   schedule = optax.linear_schedule(1.0, 0.1, transition_steps=8)
   lower, upper = jnp.zeros(7), jnp.full(7, 2.0)  # Array bounds become hyperparams.
-  tx = optax.inject_hyperparams(
-      clipjax.clipping_aware_normalize, static_args=("p",)
-  )(norm=schedule, p=3, lower=lower, upper=upper)
+  tx = optax.inject_hyperparams(clipjax.clipping_aware_normalize, static_args=("p",))(
+    norm=schedule, p=3, lower=lower, upper=upper
+  )
   params = jnp.asarray(rng.uniform(0.0, 2.0, 7))
   state = tx.init(params)
   assert set(state.hyperparams) == {"norm", "lower", "upper"}
@@ -268,8 +264,8 @@ def test_zero_norm_and_zero_updates_give_zeros_without_nan():
 def test_clip_by_norm_p2_equals_optax(dtype, scale):
   rng = np.random.default_rng(5)
   grads = {
-      "a": jnp.asarray(rng.normal(0, scale, (4, 3)), dtype),
-      "b": [jnp.asarray(rng.normal(0, scale, 5), dtype)],
+    "a": jnp.asarray(rng.normal(0, scale, (4, 3)), dtype),
+    "b": [jnp.asarray(rng.normal(0, scale, 5), dtype)],
   }
   for max_norm in [0.1, 1.0, jnp.asarray(2.5, dtype)]:
     ours, _ = clipjax.clip_by_norm(max_norm).update(grads, optax.EmptyState())
@@ -283,8 +279,8 @@ def test_clip_by_norm_matches_oracle(p):
   update = jax.jit(clipjax.clip_by_norm(1.0, p=p).update)
   for scale in [0.01, 1.0, 100.0]:
     grads = {
-        "a": jnp.asarray(rng.normal(0, scale, (5, 4))),
-        "b": jnp.asarray(rng.normal(0, scale, 3)),
+      "a": jnp.asarray(rng.normal(0, scale, (5, 4))),
+      "b": jnp.asarray(rng.normal(0, scale, 3)),
     }
     norm = _tree_norm(grads, p)
     updates, _ = update(grads, optax.EmptyState())
@@ -322,7 +318,7 @@ def test_clip_by_norm_zero_norm_and_zero_max_norm_without_nan(p):
 
 def test_clip_by_norm_under_inject_hyperparams_and_jit():
   tx = optax.inject_hyperparams(clipjax.clip_by_norm, static_args=("p",))(
-      max_norm=optax.linear_schedule(4.0, 1.0, transition_steps=3), p=1
+    max_norm=optax.linear_schedule(4.0, 1.0, transition_steps=3), p=1
   )
   grads = jnp.asarray([3.0, -4.0, 1.0])  # L1 norm 8.
   state = tx.init(grads)
@@ -344,7 +340,5 @@ def test_clip_by_norm_gradient_matches_finite_differences():
 
   analytic = jax.jit(jax.grad(f))(grads)
   step = 1e-6
-  numeric = [
-      (f(grads.at[i].add(step)) - f(grads.at[i].add(-step))) / (2 * step) for i in range(4)
-  ]
+  numeric = [(f(grads.at[i].add(step)) - f(grads.at[i].add(-step))) / (2 * step) for i in range(4)]
   np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
