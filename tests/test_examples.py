@@ -3,6 +3,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -15,9 +16,13 @@ def _examples_on_path(monkeypatch):
   monkeypatch.syspath_prepend(EXAMPLES)
 
 
+def _main(module_name, tmp_path):
+  """Imports an example as its script would see itself and runs its smoke configuration."""
+  return __import__(module_name).main(["--smoke", "--out", str(tmp_path)])
+
+
 def _run(module_name, tmp_path, capsys):
-  module = __import__(module_name)
-  result = module.main(["--smoke", "--out", str(tmp_path)])
+  result = _main(module_name, tmp_path)
   assert os.path.getsize(result["plot"]) > 0
   assert os.path.dirname(result["plot"]) == str(tmp_path)
   return result, capsys.readouterr().out
@@ -61,3 +66,29 @@ def test_clipped_sgd_least_squares(tmp_path, capsys):
     # Starting from w = 0 the excess risk is about 0.5; the best runs learn.
     assert 0.0 < r["plain"] < 0.5 and 0.0 < r["clipped"] < 0.5
     assert math.isclose(r["ratio"], r["clipped"] / r["plain"])
+
+
+def test_clipping_bias(tmp_path):
+  results = _main("clipping_bias", tmp_path)
+  assert (tmp_path / "clipping_bias.png").stat().st_size > 0
+  for mc, err, exact in results.values():
+    # 1e-4 absorbs float32 rounding in the sum of 40,000 terms.
+    assert np.all(np.abs(mc - exact) <= 6 * err + 1e-4)
+  # Without perturbation x = 1 looks stationary; k = 1 points back to 0.
+  module = __import__("clipping_bias")
+  at_one = list(np.unique(np.concatenate([np.linspace(-4, 4, 17), module.TABLE_XS]))).index(1.0)
+  assert results[0.0][0][at_one] == 0.0
+  mc, err, _ = results[1.0]
+  assert abs(mc[at_one] - 0.0413) < 6 * err[at_one] + 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dp_sgd(tmp_path):
+  histories = _main("dp_sgd", tmp_path)
+  assert (tmp_path / "dp_sgd.png").stat().st_size > 0
+  assert len(histories) == 3
+  epsilons = {h["epsilon"][-1] for h in histories.values()}
+  assert len(epsilons) == 1 and 0 < epsilons.pop() <= 3.0 + 1e-9
+  for h in histories.values():
+    assert len(h["accuracy"]) == 2
+    assert all(np.isfinite(v) for v in h["bias_norm"])
