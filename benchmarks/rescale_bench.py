@@ -23,7 +23,7 @@ medians over repeats):
   that vmap costs no more per element (batch 32, every kind);
 * ``lockstep``: the vmapped call with the batched solver forced to run the whole
   batch in lockstep, where the CPU default solves one row at a time (batch 32,
-  rows of at least ``clipjax.rescale._ROW_ELEMENTS``; shorter rows already run in
+  rows of at least ``clipjax._batching.ROW_ELEMENTS``; shorter rows already run in
   lockstep).
 
 Data kinds: ``uniform`` (x in [0, 1], Gaussian delta), ``sparse`` (x = 0 on ~80%
@@ -53,8 +53,6 @@ from jax import lax
 
 import clipjax
 from benchmarks._timing import interleaved_medians
-
-_rescale_module = importlib.import_module("clipjax.rescale")
 
 _KINDS = ("uniform", "sparse", "sign", "heavy")
 # (batch, n, data kinds) points of the grid.
@@ -205,16 +203,17 @@ def _vmapped(p, method):
   return jax.vmap(functools.partial(clipjax.rescale, p=p, method=method))
 
 
-def _patched(p, x, d, eps, name, value):
-  """The vmapped default traced while ``clipjax.rescale.<name>`` is ``value`` (the
+def _patched(p, x, d, eps, module, name, value):
+  """The vmapped default traced while ``clipjax.<module>.<name>`` is ``value`` (the
   program keeps that choice), or None where it lowers to the default's program."""
   default = jax.jit(_vmapped(p, "auto")).lower(x, d, eps).as_text()
-  original = getattr(_rescale_module, name)
-  setattr(_rescale_module, name, value)
+  module = importlib.import_module(f"clipjax.{module}")
+  original = getattr(module, name)
+  setattr(module, name, value)
   try:
     lowered = jax.jit(_vmapped(p, "auto")).lower(x, d, eps)
   finally:
-    setattr(_rescale_module, name, original)
+    setattr(module, name, original)
   if lowered.as_text() == default:
     return None
   compiled = lowered.compile()
@@ -244,7 +243,9 @@ def _candidates(p, x, d, eps, host, extras):
     thunks["bisect40"] = _compiled(jax.vmap(functools.partial(_bisect40, p=p)), x, d, eps)
   if extras:
     thunks["unbatched"] = _unbatched(p, x, d, eps)
-    lockstep = _patched(p, x, d, eps, "_row_by_row", lambda tree: False) if finite else None
+    lockstep = (
+      _patched(p, x, d, eps, "_batching", "row_by_row", lambda tree: False) if finite else None
+    )
     if lockstep is not None:
       thunks["lockstep"] = lockstep
   return thunks

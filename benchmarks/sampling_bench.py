@@ -1,13 +1,13 @@
 """Newton's sampled start against its cold start, on rows around the threshold.
 
-``clipjax.rescale`` starts Newton on rows of at least ``_SAMPLE_MIN_ROW`` elements
-(2^17) from the solution of a strided sample (``_sample_probe``). For rows on both
+``clipjax.rescale`` starts Newton on rows of at least ``_solvers.SAMPLE_MIN_ROW`` elements
+(2^17) from the solution of a strided sample (``_solvers.sample_probe``). For rows on both
 sides of that threshold this suite times ``jax.jit(jax.vmap(rescale))`` both
 ways, in one process and interleaved, next to ``rescale_bench``'s streaming floor:
 
-* ``sampled``: every row starts from its sample (``_SAMPLE_MIN_ROW`` lowered to
+* ``sampled``: every row starts from its sample (``_solvers.SAMPLE_MIN_ROW`` lowered to
   the row's length);
-* ``cold``: no row samples (``_SAMPLE_MIN_ROW`` raised to infinity).
+* ``cold``: no row samples (``_solvers.SAMPLE_MIN_ROW`` raised to infinity).
 
 Each row's ``ratio`` is over the floor; ``sampled`` rows add ``ratio_vs_cold`` and
 ``max_rel_diff_vs_cold``. Data kinds and eps are ``rescale_bench``'s.
@@ -39,7 +39,7 @@ _QUICK = {"points": [(32, 150528)], "kinds": ("heavy",), "ps": (2.0,), "repeats"
 
 def _forced(p, x, d, eps, min_row):
   """The vmapped call compiled with ``_SAMPLE_MIN_ROW = min_row``."""
-  patched = rb._patched(p, x, d, eps, "_SAMPLE_MIN_ROW", min_row)
+  patched = rb._patched(p, x, d, eps, "_solvers", "SAMPLE_MIN_ROW", min_row)
   return patched or rb._compiled(rb._vmapped(p, "auto"), x, d, eps)
 
 

@@ -98,8 +98,7 @@ def accumulation_dtype(tree: Any) -> Any:
 
 def _layout(dtype):
   info = jnp.finfo(dtype)
-  itype = jnp.int32 if info.bits == 32 else jnp.int64
-  return info, itype
+  return info, {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[info.bits]
 
 
 def _pow2(k, dtype):
@@ -124,7 +123,7 @@ def _subnormal_parts(v):
   return ((bits >> info.nmant) == 0) & (bits != 0), bits, signed < 0
 
 
-def _scale_exact(v, k):
+def scale_exact(v, k):
   """``v · 2^k`` for any finite ``v``, subnormal inputs included (``k`` broadcasts).
 
   Differentiable in ``v`` wherever ``v`` is normal (subnormal inputs, which arithmetic
@@ -219,7 +218,7 @@ def _rows_norm(p, nb, mask, *leaves):
     top = lax.bitcast_convert_type(top_bits, acc)
     subnormal = _subnormal_parts(top)[0]
     exponent = jnp.where(subnormal, _exponent_of(top_bits, acc), 0)
-    return exponent, jnp.where(subnormal, _scale_exact(top, -exponent), top)
+    return exponent, jnp.where(subnormal, scale_exact(top, -exponent), top)
   total = _rows([_pow(m, p) for m in mags], nb, jnp.sum, shape, acc)
   n = sum(math.prod(v.shape[nb:]) for v in leaves)
   # Terms below the smallest normal are flushed to zero; past this total, all of
@@ -236,7 +235,7 @@ def _rows_norm(p, nb, mask, *leaves):
     finite = top_bits < lax.bitcast_convert_type(jnp.asarray(jnp.inf, acc), itype)
     exponent = jnp.where(finite, _exponent_of(jnp.clip(top_bits, 0, None), acc), 0)
     # Each |v_j| · 2^-exponent lies in [0, 1), the largest one in [0.5, 1).
-    ys = [_scale_exact(m, -_bcast(exponent, m, nb)) for m in mags]
+    ys = [scale_exact(m, -_bcast(exponent, m, nb)) for m in mags]
     top = _rows(ys, nb, jnp.max, shape, acc)
     safe = jnp.where(top > 0, top, 1)
     inner = _rows([_pow(y / _bcast(safe, y, nb), p) for y in ys], nb, jnp.sum, shape, acc)
@@ -258,14 +257,14 @@ def _rows_norm_jvp(p, nb, primals, tangents):
   if p == math.inf:
     count = jnp.zeros(unit.shape, acc)
     for v in leaves:
-      y = _scale_exact(jnp.abs(v.astype(acc)), -_bcast(exponent, v, nb))
+      y = scale_exact(jnp.abs(v.astype(acc)), -_bcast(exponent, v, nb))
       count = count + _rows([(y == _bcast(unit, y, nb)).astype(acc)], nb, jnp.sum, unit.shape, acc)
   for v, dv in zip(leaves, dleaves):
     if isinstance(dv, jax.custom_derivatives.SymbolicZero) or dv.dtype == jax.dtypes.float0:
       continue
     v = v.astype(acc)
     e = -_bcast(exponent, v, nb)
-    y = _scale_exact(jnp.abs(v), e)
+    y = scale_exact(jnp.abs(v), e)
     if p == math.inf:
       weight = (y == _bcast(unit, y, nb)).astype(acc) / _bcast(jnp.maximum(count, 1), y, nb)
     else:
@@ -346,7 +345,7 @@ def clip_weights(
     # A tiny norm is dominated by γ: only norms past the top need the scaled form,
     # C / (unit + γ·2^-exponent), applied to v·2^-exponent.
     scaled = out_of_range & (norm == jnp.inf)
-    gamma_scaled = _scale_exact(jnp.broadcast_to(gamma, n.unit.shape), -n.exponent)
+    gamma_scaled = scale_exact(jnp.broadcast_to(gamma, n.unit.shape), -n.exponent)
     factor = c / jnp.where(scaled, n.unit + gamma_scaled, norm + gamma)
   else:  # normalize
     positive = n.unit > 0
@@ -375,7 +374,7 @@ def _shifted(leaf, w: Weights):
   """Every example of ``leaf`` times ``2^-shift``, zero where not kept (in ``leaf``'s dtype
   promoted to the weights' dtype)."""
   v = leaf.astype(jnp.promote_types(leaf.dtype, w.factor.dtype))
-  v = _scale_exact(v, -_per_example(w.shift, v))
+  v = scale_exact(v, -_per_example(w.shift, v))
   return jnp.where(_per_example(w.keep, v), v, jnp.zeros((), v.dtype))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from clipjax import _checks
 from clipjax.rescale import _rescale
 
 
@@ -74,10 +75,8 @@ def random_perturbation(key, x, eps, *, p=2, lower=0.0, upper=1.0, distribution=
     >>> round(float(jnp.linalg.norm(y - x)), 4)
     3.6
   """
-  if distribution not in ("gaussian", "uniform"):
-    raise ValueError(f"distribution must be 'gaussian' or 'uniform', got {distribution!r}.")
-  if isinstance(key, int):
-    key = jax.random.key(key)
+  _checks.check_choice("distribution", distribution, ("gaussian", "uniform"))
+  key = _checks.canonical_key(key)
   leaves, treedef = jax.tree.flatten(x)
   keys = jax.random.split(key, len(leaves))
   draw = (

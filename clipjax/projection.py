@@ -31,11 +31,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from clipjax.rescale import _bound_leaves, _Box, _check_values, rescale
-from clipjax.rescale import _canonical_p as _rescale_p
+from clipjax import _checks, _norms
+from clipjax.rescale import _prepare as _prepare_box
+from clipjax.rescale import rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
 # back to bisection; image-like data needs 2 to 12 (more for larger inputs).
@@ -51,44 +51,10 @@ class _Problem(NamedTuple):
   his: list[jax.Array]
 
 
-# ---------------------------------------------------------------------------
-# Argument handling
-# ---------------------------------------------------------------------------
-
-
-def _canonical_p(p: Any) -> float:
-  """Returns ``p`` as 1.0, 2.0 or ``math.inf``; anything else is refused."""
-  try:
-    value = None if isinstance(p, bool) else _rescale_p(p)
-  except ValueError:
-    value = None
-  if value not in (1.0, 2.0, math.inf):
-    raise ValueError(f"p must be 1, 2 or inf (a static value), got {p!r}.")
-  return value
-
-
 def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
-  """Flattens and checks structures. Returns (problem, treedef, compute dtype)."""
-  y_leaves, treedef = jax.tree.flatten(y)
-  c_leaves, c_treedef = jax.tree.flatten(center)
-  if c_treedef != treedef:
-    raise ValueError(f"center must have the pytree structure of y: {c_treedef} != {treedef}.")
-  if not y_leaves:
-    raise ValueError("y must contain at least one array.")
-  shapes = [np.shape(v) for v in y_leaves]
-  for shape, c in zip(shapes, c_leaves):
-    if np.shape(c) != shape:
-      raise ValueError(f"center's leaf shape {np.shape(c)} differs from y's {shape}.")
-  lo_leaves = _bound_leaves(lower, treedef, shapes, "lower", "y")
-  hi_leaves = _bound_leaves(upper, treedef, shapes, "upper", "y")
-  dtype = jnp.result_type(*y_leaves, *c_leaves)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.result_type(float)
-  # Half precision cannot resolve the threshold equations: compute in float32.
-  compute = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-  cast = lambda vs: [jnp.asarray(v, compute) for v in vs]
-  problem = _Problem(cast(y_leaves), cast(c_leaves), cast(lo_leaves), cast(hi_leaves))
-  return problem, treedef, compute
+  """Flattens and checks structures. Returns (problem, treedef, result dtype)."""
+  box, treedef, out = _prepare_box(y, center, lower, upper, names=("y", "center"))
+  return _Problem(*box), treedef, out
 
 
 def _valid(problem: _Problem, eps: jax.Array) -> jax.Array:
@@ -111,14 +77,6 @@ def _valid(problem: _Problem, eps: jax.Array) -> jax.Array:
 # The three projections. Each takes the problem and returns the projected leaves,
 # assuming clip(y) lies outside the ball (the caller handles the inside case).
 # ---------------------------------------------------------------------------
-
-
-def _p_norm(leaves: list[jax.Array], p: float) -> jax.Array:
-  if p == math.inf:
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(v), initial=0.0) for v in leaves]))
-  if p == 1:
-    return sum(jnp.sum(jnp.abs(v)) for v in leaves)
-  return jnp.sqrt(sum(jnp.sum(v * v) for v in leaves))
 
 
 def _project_inf(problem: _Problem, eps) -> list[jax.Array]:
@@ -243,7 +201,7 @@ def _project_1(problem: _Problem, eps, inside) -> list[jax.Array]:
 @jax.jit(static_argnames=("p", "treedef"))
 def _project(problem: _Problem, eps, p: float, treedef) -> list[jax.Array]:
   clipped = [jnp.clip(y, lo, hi) for y, _, lo, hi in zip(*problem)]
-  inside = _p_norm([z - c for z, c in zip(clipped, problem.cs)], p) <= eps
+  inside = _norms.global_norm([z - c for z, c in zip(clipped, problem.cs)], p) <= eps
   if p == math.inf:
     projected = _project_inf(problem, eps)
   elif p == 2:
@@ -326,16 +284,17 @@ def project_ball_box(y, center, eps, *, p=2, lower=0.0, upper=1.0):
     >>> round(float(jnp.linalg.norm(z - y)), 4), round(float(jnp.linalg.norm(naive - y)), 4)
     (0.5135, 0.5519)
   """
-  p = _canonical_p(p)
-  problem, treedef, compute = _prepare(y, center, lower, upper)
-  eps = jnp.asarray(eps, compute)
+  p = _checks.canonical_p(p, allowed=(1.0, 2.0, math.inf))
+  problem, treedef, out_dtype = _prepare(y, center, lower, upper)
+  _checks.check_scalar_eps(eps)
+  # center, not y, must lie inside the box.
+  _checks.check_box(problem.cs, problem.ys, problem.los, problem.his, names=("center", "y"))
+  eps = jnp.asarray(eps, problem.ys[0].dtype)
   if eps.ndim:
     raise ValueError(f"eps must be a scalar, got shape {eps.shape}; use jax.vmap for a batch.")
-  # center, not y, must lie inside the box.
-  _check_values(_Box(problem.cs, problem.ys, problem.los, problem.his), eps, names=("center", "y"))
   out = _project(problem, eps, p=p, treedef=treedef)
   dtypes = [jnp.result_type(v) for v in jax.tree.leaves(y)]
   return jax.tree.unflatten(
     treedef,
-    [z.astype(dt if jnp.issubdtype(dt, jnp.floating) else compute) for z, dt in zip(out, dtypes)],
+    [z.astype(dt if jnp.issubdtype(dt, jnp.floating) else out_dtype) for z, dt in zip(out, dtypes)],
   )

@@ -7,36 +7,20 @@ they work under :func:`optax.inject_hyperparams`; ``p`` selects code paths and
 must stay static there (``static_args=("p",)``).
 """
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax.rescale import _canonical_p, rescale
+from clipjax import _checks, _norms
+from clipjax.rescale import rescale
 
 _NO_PARAMS_MSG = (
   "clipping_aware_normalize needs the current parameters: call "
   "`update(updates, state, params)`. The box constrains params + updates, so "
   "the transformation cannot work without them."
 )
-
-
-def _static_p(p) -> float:
-  """Returns ``p`` as a Python float; a traced ``p`` gets a hint on the fix."""
-  if isinstance(p, jax.core.Tracer):
-    raise ValueError(
-      "p must be static, not traced. Under optax.inject_hyperparams pass static_args=('p',)."
-    )
-  return _canonical_p(p)
-
-
-def _check_nonnegative(name: str, value) -> None:
-  # Only Python numbers are checked: JAX scalars may be traced (schedules,
-  # inject_hyperparams under jit), and reading them back would force a sync.
-  if isinstance(value, (int, float)) and not value >= 0:
-    raise ValueError(f"{name} must be >= 0, got {value!r}.")
 
 
 def _per_leaf(bound, params):
@@ -133,8 +117,8 @@ def clipping_aware_normalize(
     Rauber & Bethge, `Fast Differentiable Clipping-Aware Normalization and
     Rescaling <https://arxiv.org/abs/2007.07677>`_, 2020
   """
-  p = _static_p(p)
-  _check_nonnegative("norm", norm)
+  p = _checks.canonical_p(p)
+  _checks.check_nonnegative("norm", norm)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -150,28 +134,6 @@ def clipping_aware_normalize(
     return jax.tree.map(step, params, updates, lowers, uppers), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def _global_norm(tree, p: float) -> jax.Array:
-  """The p-norm of a pytree as one vector, with finite gradients at zero."""
-  if p == 2:
-    # Same reduction as optax.tree.norm, so p = 2 matches
-    # optax.clip_by_global_norm bit for bit; sqrt is guarded because its
-    # derivative at 0 is infinite and would turn zero cotangents into NaN.
-    squared = optax.tree.norm(tree, squared=True)
-    positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), 0)
-  if p == 1 or p == math.inf:
-    return optax.tree.norm(tree, ord=p)
-  # Dividing by the largest magnitude keeps |t|**p from overflowing float32.
-  # The norm is 1-homogeneous, so holding the scale constant leaves the
-  # gradient exact.
-  scale = jax.lax.stop_gradient(optax.tree.norm(tree, ord=math.inf))
-  positive = scale > 0
-  safe_scale = jnp.where(positive, scale, 1)
-  total = optax.tree.sum(jax.tree.map(lambda t: jnp.sum((jnp.abs(t) / safe_scale) ** p), tree))
-  # total >= 1 whenever scale > 0; the guard keeps pow away from 0.
-  return scale * jnp.where(positive, total, 1) ** (1 / p)
 
 
 def clip_by_norm(
@@ -223,20 +185,22 @@ def clip_by_norm(
     Marshall et al., `A Clipped Trip: the Dynamics of SGD with Gradient
     Clipping in High-Dimensions <https://arxiv.org/abs/2406.11733>`_, 2024
   """
-  p = _static_p(p)
-  _check_nonnegative("max_norm", max_norm)
+  p = _checks.canonical_p(p)
+  _checks.check_nonnegative("max_norm", max_norm)
 
   def update_fn(updates, state, params=None):
     del params
-    g_norm = _global_norm(updates, p)
-    trigger = jnp.squeeze(g_norm < max_norm)
-    # A zero norm only happens for all-zero updates, where any divisor gives
-    # the right value; 1 keeps 0/0 out of both values and gradients.
-    safe_norm = jnp.where(g_norm > 0, g_norm, 1)
+    n = _norms.norms(updates, p, nb=0)
+    trigger = jnp.squeeze(n.value < max_norm)
+    # Dividing by 2^exponent first (exact) keeps a finite update whose norm overflows
+    # finite; otherwise exponent is 0 and this is optax's t / norm · max_norm. A zero
+    # norm only happens for all-zero updates, where any divisor gives the right
+    # value; 1 keeps 0/0 out of both values and gradients.
+    safe_unit = jnp.where(n.unit > 0, n.unit, 1)
 
     def clip_fn(t):
-      scaled = t / safe_norm.astype(t.dtype) * jnp.asarray(max_norm, t.dtype)
-      return jax.lax.select(trigger, t, scaled)
+      unit = _norms.scale_exact(t, -n.exponent.astype(jnp.int32)) / safe_unit.astype(t.dtype)
+      return jax.lax.select(trigger, t, unit * jnp.asarray(max_norm, t.dtype))
 
     return jax.tree.map(clip_fn, updates), state
 

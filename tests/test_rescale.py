@@ -15,6 +15,10 @@ from hypothesis import strategies as st
 import clipjax
 
 rescale_module = importlib.import_module("clipjax.rescale")
+_batching = importlib.import_module("clipjax._batching")
+_breakpoints = importlib.import_module("clipjax._breakpoints")
+_reductions = importlib.import_module("clipjax._reductions")
+_solvers = importlib.import_module("clipjax._solvers")
 
 P_VALUES = [1.0, 1.5, 2.0, 3.0, 7.0, math.inf]
 METHODS = ["newton", "sort", "bisect", "auto"]
@@ -145,7 +149,7 @@ def test_float32_long_rows_keep_precision(method):
 
 def test_float32_rows_long_enough_to_sample():
   """Rows past ``_SAMPLE_MIN_ROW`` (Newton started from a sample), batched, float32."""
-  n = rescale_module._SAMPLE_MIN_ROW
+  n = _solvers.SAMPLE_MIN_ROW
   rng = np.random.default_rng(13)
   x = rng.uniform(0, 1, (3, n)).astype(np.float32)
   x[2, rng.uniform(size=n) < 0.8] = 0.0  # mostly on the lower bound, like a dark image
@@ -245,11 +249,11 @@ def test_half_precision_computed_in_float32(dtype):
 
 def test_auto_picks_the_measured_method(monkeypatch):
   """auto: the sort on one GPU for rows up to _GPU_SORT_MAX_ROW, else newton."""
-  limit = rescale_module._GPU_SORT_MAX_ROW
+  limit = _solvers.GPU_SORT_MAX_ROW
   box = lambda *shapes: rescale_module._prepare(
     [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes], 0.0, 1.0
   )[0]
-  resolve = rescale_module._resolve_method
+  resolve = _solvers.resolve_method
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert resolve("auto", box((limit,))) == "newton"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -270,7 +274,7 @@ def test_newton_fallback_is_exact(monkeypatch):
   eps = 0.5 * oracle.max_norm(x, d, 2)
   want = oracle.rescale(x, d, eps, 2)
   for passes in [1, 2, 5]:
-    monkeypatch.setattr(rescale_module, "_MAX_NEWTON_PASSES", passes)
+    monkeypatch.setattr(_solvers, "MAX_NEWTON_PASSES", passes)
     got = float(jax.jit(functools.partial(clipjax.rescale, method="newton"))(x, d, eps))
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
@@ -355,9 +359,9 @@ def test_vmap_mixed_batching_and_nesting():
 @pytest.mark.parametrize(
   "strategy, patches",
   [
-    ("one row at a time", {"_ROW_ELEMENTS": 1}),
-    ("groups of two rows and a rest", {"_ROW_ELEMENTS": 10**9, "_GROUP_ELEMENTS": 160}),
-    ("lockstep", {"_row_by_row": lambda tree: False}),
+    ("one row at a time", {"ROW_ELEMENTS": 1}),
+    ("groups of two rows and a rest", {"ROW_ELEMENTS": 10**9, "GROUP_ELEMENTS": 160}),
+    ("lockstep", {"row_by_row": lambda tree: False}),
   ],
 )
 def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
@@ -368,7 +372,7 @@ def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
   unit_x = np.clip(x, 0, 1)
   eps = np.linspace(0.1, 3.0, 5)
   for name, value in patches.items():
-    monkeypatch.setattr(rescale_module, name, value)
+    monkeypatch.setattr(_batching, name, value)
   for p in [1.0, 3.0, math.inf]:
     f = lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi)
     batched = jax.jit(jax.vmap(f))(x, d, eps, lo, hi)
@@ -391,7 +395,7 @@ def test_chunked_reductions_match_oracle(monkeypatch, method):
   unbatched and under vmap, with gradients for p = inf (whose solve is the
   differentiated closed form).
   """
-  monkeypatch.setattr(rescale_module, "_CHUNKED_MIN_ELEMENTS", 0)
+  monkeypatch.setattr(_reductions, "CHUNKED_MIN_ELEMENTS", 0)
   rng = np.random.default_rng(21)
   shapes = [(3,), (8,), (83,), (5, 13)]
   flat = lambda v: np.concatenate([np.ravel(a) for a in v])
@@ -428,8 +432,8 @@ def test_sampled_warm_start_matches_oracle(monkeypatch):
   than, equal to and longer than the stride, array bounds, heavy tails, eps = 0
   and eps past the maximum, unbatched and under vmap (with per-row bounds).
   """
-  monkeypatch.setattr(rescale_module, "_SAMPLE_MIN_ROW", 100)  # the row, not its sample
-  monkeypatch.setattr(rescale_module, "_SAMPLE_STRIDE", 7)
+  monkeypatch.setattr(_solvers, "SAMPLE_MIN_ROW", 100)  # the row, not its sample
+  monkeypatch.setattr(_solvers, "SAMPLE_STRIDE", 7)
   rng = np.random.default_rng(12)
   sizes, fractions = (3, 7, 230), (0.0, 0.02, 0.4, 0.9, 0.999, 1.3)
   flat = lambda v: np.concatenate([np.ravel(a) for a in v])
@@ -439,10 +443,8 @@ def test_sampled_warm_start_matches_oracle(monkeypatch):
 
     @jax.jit
     def starts(box, eps):
-      probe = rescale_module._sample_probe(box, eps, p, 0)
-      return tuple(
-        rescale_module._first_pass(box, eps, p, 0, probe).start for probe in (None, probe)
-      )
+      probe = _solvers.sample_probe(box, eps, p, 0)
+      return tuple(_breakpoints.first_pass(box, eps, p, 0, probe).start for probe in (None, probe))
 
     cases = []
     for i, fraction in enumerate(fractions):
