@@ -218,7 +218,7 @@ def _rows_norm(p, nb, mask, *leaves):
     top = lax.bitcast_convert_type(top_bits, acc)
     subnormal = _subnormal_parts(top)[0]
     exponent = jnp.where(subnormal, _exponent_of(top_bits, acc), 0)
-    return exponent, jnp.where(subnormal, scale_exact(top, -exponent), top)
+    return _moderate(exponent, jnp.where(subnormal, scale_exact(top, -exponent), top))
   total = _rows([_pow(m, p) for m in mags], nb, jnp.sum, shape, acc)
   n = sum(math.prod(v.shape[nb:]) for v in leaves)
   # Terms below the smallest normal are flushed to zero; past this total, all of
@@ -242,7 +242,20 @@ def _rows_norm(p, nb, mask, *leaves):
     unit = jnp.where(finite, top * _root(inner, p), jnp.where(jnp.isnan(total), jnp.nan, jnp.inf))
     return jnp.where(trusted, 0, exponent), jnp.where(trusted, plain[1], unit)
 
-  return lax.cond(jnp.all(trusted), lambda: plain, scaled)
+  return _moderate(*lax.cond(jnp.all(trusted), lambda: plain, scaled))
+
+
+# Units are kept within [2^-64, 2^64]: there C/unit and v/unit stay normal for any
+# reasonable C, even where XLA turns a division into a multiplication by the
+# reciprocal (1/3e38 is subnormal, and flushed to zero).
+_MODERATE = 2.0**64
+
+
+def _moderate(exponent, unit):
+  """Moves an extreme unit's binary exponent into ``exponent`` (exactly)."""
+  mantissa, shift = jnp.frexp(unit)
+  extreme = jnp.isfinite(unit) & ((unit > _MODERATE) | ((unit > 0) & (unit < 1 / _MODERATE)))
+  return jnp.where(extreme, exponent + shift, exponent), jnp.where(extreme, mantissa, unit)
 
 
 @_rows_norm.defjvp
@@ -334,22 +347,25 @@ def clip_weights(
   norm = n.value
   finite = n.finite
   # Where the norm leaves the normal range, factor and example are scaled by 2^-exponent.
-  out_of_range = finite & (n.exponent != 0) & ((norm == jnp.inf) | (norm < jnp.finfo(dtype).tiny))
+  # Rows with a nonzero exponent (norms beyond 2^±64) are scaled by 2^-exponent and
+  # get the factor in scaled form, so that neither the factor nor the example leaves
+  # the float range.
+  extreme = finite & (n.exponent != 0)
   if scaling == "clip":
     over = norm > c
-    scaled = out_of_range & over
+    scaled = extreme & over
     denominator = jnp.where(scaled, n.unit, norm)
     factor = jnp.where(over, c / jnp.where(over, denominator, 1), 1)
   elif scaling == "automatic":
     gamma = jnp.asarray(stability, dtype)
-    # A tiny norm is dominated by γ: only norms past the top need the scaled form,
+    # A tiny norm is dominated by γ: only large norms need the scaled form,
     # C / (unit + γ·2^-exponent), applied to v·2^-exponent.
-    scaled = out_of_range & (norm == jnp.inf)
+    scaled = extreme & (n.exponent > 0)
     gamma_scaled = scale_exact(jnp.broadcast_to(gamma, n.unit.shape), -n.exponent)
     factor = c / jnp.where(scaled, n.unit + gamma_scaled, norm + gamma)
   else:  # normalize
     positive = n.unit > 0
-    scaled = out_of_range & positive
+    scaled = extreme & positive
     denominator = jnp.where(scaled, n.unit, jnp.where(positive, norm, 1))
     factor = jnp.where(positive, c / denominator, 0)
   keep = finite if mask is None else finite & mask

@@ -1,22 +1,15 @@
-"""Exact clipping-aware rescaling for any p-norm.
+"""Exact clipping-aware rescaling for any p-norm: ``rescale`` and ``max_norm``.
 
 Given a point ``x`` in a box ``[lower, upper]`` and a direction ``delta``, find the
 scale ``eta >= 0`` such that ``‖clip(x + eta·delta, lower, upper) − x‖_p == eps``
 (Rauber & Bethge, "Fast Differentiable Clipping-Aware Normalization and Rescaling",
 arXiv:2007.07677, 2020).
 
-Coordinate ``i`` has room ``s_i`` in the direction of ``delta_i`` and moves by
-``min(eta·|delta_i|, s_i)``. It saturates at the breakpoint ``r_i = s_i / |delta_i|``.
-With ``S = {i : r_i <= eta}`` the saturated set, the p-th power of the norm is
-``Σ_S s_i^p + eta^p Σ_{not S} |delta_i|^p``: piecewise linear, non-decreasing and
-concave in ``v = eta^p``. All solvers share one scaled formulation of it: with
-``a_i = (|delta_i|/m)^p`` (``m = 1`` where the unscaled free sum is in range,
-else at least the largest free ``|delta_i|``) and ``b_i = (s_i/eps)^p``, solve
-``Σ_S b_i + (eta·m/eps)^p Σ_{not S} a_i = 1``. The summed ``b_i`` are at most
-one where it matters (``b_i <= 1`` on ``S`` below the solution), and ``m`` is
-refreshed whenever the free sum underflows, so float32
-neither overflows nor loses the dominant terms for large ``p`` or heavy tails;
-saturation itself is tested without powers, as ``s_i <= eta·|delta_i|``.
+The pieces, one module per idea: ``_breakpoints`` (the piecewise-linear formulation
+every solver shares, and the closed forms that are differentiated), ``_solvers``
+(newton, bisect and sort, registered once), ``_reductions`` (fused row reductions),
+``_batching`` (the ``vmap`` rule). This module checks the arguments, solves without
+gradients and differentiates the closed form of the final piece.
 """
 
 from __future__ import annotations

@@ -199,8 +199,10 @@ def clip_by_norm(
     safe_unit = jnp.where(n.unit > 0, n.unit, 1)
 
     def clip_fn(t):
-      unit = _norms.scale_exact(t, -n.exponent.astype(jnp.int32)) / safe_unit.astype(t.dtype)
-      return jax.lax.select(trigger, t, unit * jnp.asarray(max_norm, t.dtype))
+      # Half precision is scaled in float32 (its norm may exceed its own range).
+      acc = jnp.promote_types(t.dtype, safe_unit.dtype)
+      unit = _norms.scale_exact(t.astype(acc), -n.exponent) / safe_unit
+      return jax.lax.select(trigger, t, (unit * jnp.asarray(max_norm, acc)).astype(t.dtype))
 
     return jax.tree.map(clip_fn, updates), state
 

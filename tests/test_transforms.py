@@ -342,3 +342,36 @@ def test_clip_by_norm_gradient_matches_finite_differences():
   step = 1e-6
   numeric = [(f(grads.at[i].add(step)) - f(grads.at[i].add(-step))) / (2 * step) for i in range(4)]
   np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 8.0, math.inf])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
+def test_clip_by_norm_over_the_whole_float_range(dtype, p):
+  """Finite updates, from subnormal to the largest float, are clipped and never lost.
+
+  The global norm may exceed the dtype's range (a float32 vector of entries near
+  3e38): the update is still scaled to norm max_norm along the same direction.
+  """
+  info = jnp.finfo(dtype)
+  update = jax.jit(clipjax.clip_by_norm(1.0, p=p).update)
+  for top in [
+    float(info.max),
+    float(info.max) / 3,
+    1.0,
+    float(info.tiny),
+    4 * float(info.smallest_subnormal),
+  ]:
+    g = np.asarray(jnp.asarray([top, -top / 2, top / 4, 0.0], dtype))
+    exact = np.asarray(g).astype(np.float64)
+    out, _ = update({"g": jnp.asarray(g)}, optax.EmptyState())
+    out = np.asarray(out["g"]).astype(np.float64)
+    assert np.all(np.isfinite(out))
+    top = float(exact[0])  # as rounded to the dtype
+    relative = [1.0, 0.5, 0.25]  # |g_i| / max |g|, exact powers of two
+    unit = max(relative) if p == math.inf else sum(r**p for r in relative) ** (1 / p)
+    if math.log2(top) + math.log2(unit) <= 0:  # ‖g‖ <= 1 = max_norm: unchanged, bit for bit
+      np.testing.assert_array_equal(out, exact)
+    else:  # scaled to norm 1 along g
+      want = np.array([1.0, -0.5, 0.25, 0.0]) / unit
+      tol = 8 * float(info.eps)
+      np.testing.assert_allclose(out, want, rtol=tol, atol=4 * float(info.smallest_subnormal))
