@@ -43,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from clipjax import _checks
+from clipjax._reductions import power, root
 
 SCALINGS = ("clip", "automatic", "normalize")
 
@@ -161,14 +162,6 @@ def _exponent_of(bits, dtype):
 # ---------------------------------------------------------------------------
 
 
-def _pow(v, p):
-  return v if p == 1 else v * v if p == 2 else v**p
-
-
-def _root(v, p):
-  return v if p == 1 else jnp.sqrt(v) if p == 2 else v ** (1 / p)
-
-
 def _rows(values, nb, op, shape, dtype):
   """Row sums (``op=jnp.sum``) or maxima (``jnp.max``) over several leaves."""
   out = jnp.zeros(shape, dtype)
@@ -219,7 +212,7 @@ def _rows_norm(p, nb, mask, *leaves):
     subnormal = _subnormal_parts(top)[0]
     exponent = jnp.where(subnormal, _exponent_of(top_bits, acc), 0)
     return _moderate(exponent, jnp.where(subnormal, scale_exact(top, -exponent), top))
-  total = _rows([_pow(m, p) for m in mags], nb, jnp.sum, shape, acc)
+  total = _rows([power(m, p) for m in mags], nb, jnp.sum, shape, acc)
   n = sum(math.prod(v.shape[nb:]) for v in leaves)
   # Terms below the smallest normal are flushed to zero; past this total, all of
   # them together (fewer than n) change it by less than half an ulp.
@@ -228,7 +221,7 @@ def _rows_norm(p, nb, mask, *leaves):
   trusted = jnp.isnan(total) | ((total >= threshold) & (total < jnp.inf))
   if mask is not None:
     trusted = trusted | ~mask
-  plain = (jnp.zeros(shape, jnp.int32), _root(total, p))
+  plain = (jnp.zeros(shape, jnp.int32), root(total, p))
 
   def scaled():
     top_bits = _rows(bits, nb, jnp.max, shape, itype)
@@ -238,8 +231,8 @@ def _rows_norm(p, nb, mask, *leaves):
     ys = [scale_exact(m, -_bcast(exponent, m, nb)) for m in mags]
     top = _rows(ys, nb, jnp.max, shape, acc)
     safe = jnp.where(top > 0, top, 1)
-    inner = _rows([_pow(y / _bcast(safe, y, nb), p) for y in ys], nb, jnp.sum, shape, acc)
-    unit = jnp.where(finite, top * _root(inner, p), jnp.where(jnp.isnan(total), jnp.nan, jnp.inf))
+    inner = _rows([power(y / _bcast(safe, y, nb), p) for y in ys], nb, jnp.sum, shape, acc)
+    unit = jnp.where(finite, top * root(inner, p), jnp.where(jnp.isnan(total), jnp.nan, jnp.inf))
     return jnp.where(trusted, 0, exponent), jnp.where(trusted, plain[1], unit)
 
   return _moderate(*lax.cond(jnp.all(trusted), lambda: plain, scaled))
@@ -281,7 +274,7 @@ def _rows_norm_jvp(p, nb, primals, tangents):
     if p == math.inf:
       weight = (y == _bcast(unit, y, nb)).astype(acc) / _bcast(jnp.maximum(count, 1), y, nb)
     else:
-      weight = _pow(y / _bcast(safe, y, nb), p - 1) if p != 1 else jnp.ones_like(y)
+      weight = power(y / _bcast(safe, y, nb), p - 1) if p != 1 else jnp.ones_like(y)
     terms = jnp.sign(v) * weight * _times_pow2(dv.astype(acc), e)
     dunit = dunit + _rows([terms], nb, jnp.sum, unit.shape, acc)
   dunit = jnp.where(unit > 0, dunit, 0)
@@ -313,8 +306,8 @@ def combine(parts: list[Norms], p: float) -> Norms:
   for u in units[1:]:
     top = jnp.maximum(top, u)
   safe = jnp.where(top > 0, top, 1)
-  inner = sum(_pow(u / safe, p) for u in units)
-  unit = jnp.where(inner > 0, top * _root(jnp.where(inner > 0, inner, 1), p), 0)
+  inner = sum(power(u / safe, p) for u in units)
+  unit = jnp.where(inner > 0, top * root(jnp.where(inner > 0, inner, 1), p), 0)
   return Norms(exponent, jnp.where(jnp.isnan(top), jnp.nan, unit))
 
 
