@@ -16,6 +16,12 @@ from clipjax.privacy import (
 )
 from clipjax.projection import project_ball_box
 from clipjax.rescale import max_norm, rescale
+from clipjax.sampling import (
+  PoissonSampler,
+  WithoutReplacementSampler,
+  poisson_overflow_probability,
+  poisson_sample,
+)
 from clipjax.transforms import clip_by_norm, clipping_aware_normalize
 
 __version__ = "0.1.0"
@@ -25,6 +31,8 @@ __all__ = [
   "ClippingStats",
   "DPAggregateState",
   "DPNoiseState",
+  "PoissonSampler",
+  "WithoutReplacementSampler",
   "adaptive_dp_aggregate",
   "calibrate_noise",
   "clip_by_norm",
@@ -37,6 +45,8 @@ __all__ = [
   "max_norm",
   "per_example_clip",
   "perturb",
+  "poisson_overflow_probability",
+  "poisson_sample",
   "project_ball_box",
   "random_perturbation",
   "rescale",
