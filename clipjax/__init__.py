@@ -1,6 +1,7 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
 from clipjax.accounting import calibrate_noise, dp_epsilon
+from clipjax.audit import audit_epsilon
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
 from clipjax.privacy import (
@@ -34,6 +35,7 @@ __all__ = [
   "PoissonSampler",
   "WithoutReplacementSampler",
   "adaptive_dp_aggregate",
+  "audit_epsilon",
   "calibrate_noise",
   "clip_by_norm",
   "clipped_grad",
