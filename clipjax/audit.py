@@ -67,23 +67,16 @@ def _clopper_pearson_upper(successes: int, trials: int, alpha: float) -> float:
 
 
 def _chernoff_upper(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
-  """Upper bounds ``max{p : trials · KL(successes / trials || p) <= log(1 / alpha)}``.
+  """Closed-form upper bounds on binomial rates, at level ``1 − alpha``, for many counts.
 
-  A valid bound slightly looser than Clopper-Pearson's, cheap for many counts at once:
-  it only ranks thresholds, so 40 bisection steps (1e-12 absolute) suffice.
+  The multiplicative Chernoff bound ``P[X <= k] <= exp(−m (p − k/m)² / (2p))`` for
+  ``p >= k/m`` is at most ``alpha`` above ``k/m + c + sqrt(c² + 2c·k/m)``,
+  ``c = log(1 / alpha) / m``. Valid, a little looser than Clopper-Pearson's, and free
+  of iteration: it only ranks thresholds.
   """
   rate = successes / trials
-  budget = math.log(1 / alpha) / trials
-  low, high = rate.copy(), np.ones_like(rate)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    for _ in range(40):
-      middle = (low + high) / 2
-      kl = np.where(rate > 0, rate * np.log(rate / middle), 0.0) + np.where(
-        rate < 1, (1 - rate) * np.log((1 - rate) / (1 - middle)), 0.0
-      )
-      inside = kl <= budget
-      low, high = np.where(inside, middle, low), np.where(inside, high, middle)
-  return high
+  c = math.log(1 / alpha) / trials
+  return np.minimum(1.0, rate + c + np.sqrt(c * c + 2 * c * rate))
 
 
 def _epsilon_bound(fpr, fnr, delta: float):
@@ -125,11 +118,11 @@ def audit_epsilon(
   **The threshold is chosen on held-out trials.** The best of many thresholds,
   judged on the same trials that bound its error rates, would be a selection that
   the confidence level does not cover. So the trials at even positions (0, 2, ...)
-  of each array choose t (the one with the best bound there, ranked with Chernoff
-  bounds at the same levels) and only the trials at odd positions certify it. If the
-  mechanism is (ε, ``delta``)-DP, the returned value exceeds ε with probability at
-  most ``1 − confidence``, provided the trials are independent and the arrays are in
-  the order the trials ran (not sorted or filtered by score).
+  of each array choose t (the one with the best bound there, ranked with closed-form
+  Chernoff bounds at the same levels), and only the trials at odd positions certify
+  it. If the mechanism is (ε, ``delta``)-DP, the returned value exceeds ε with
+  probability at most ``1 − confidence``, provided the trials are independent and
+  the arrays are in the order the trials ran (not sorted or filtered by score).
 
   A bound above the accountant's ε proves that the mechanism is less private than
   claimed; a bound below it proves nothing either way (it is expected to be below,

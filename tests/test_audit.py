@@ -132,7 +132,10 @@ def _canary_scores(noise_multiplier, keys):
 
 
 def test_dp_aggregate_canary_audit_honest_and_under_noised():
-  sigma, trials = 1.0, 100_000
+  # σ = 1 claims ε = 4.73 (RDP; exactly 4.38). With 200 000 trials each way the audit of
+  # the honest mechanism certifies about 2.4, and of one with half the noise (exact ε
+  # 10.0) about 5.4, with a standard deviation of 0.2 over seeds: decisive both ways.
+  sigma, trials = 1.0, 200_000
   claimed = dp_epsilon(sigma, 1.0, 1, DELTA)  # one full-batch step, RDP
   keys = jax.random.split(jax.random.key(0), (2, 2, trials))
   honest = audit_epsilon(*map(np.asarray, _canary_scores(sigma, keys[0])), DELTA)
