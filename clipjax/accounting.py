@@ -42,8 +42,8 @@ depends on three choices, all explicit here:
 ``accountant="rdp"`` is Rényi DP (``dp_accounting.rdp.RdpAccountant``, default orders):
 milliseconds per call, a valid but loose bound. ``accountant="pld"`` is the privacy
 loss distribution (``dp_accounting.pld.PLDAccountant``, pessimistic estimate, values
-discretized every ``PLD_DISCRETIZATION`` = 1e-3): a tighter valid bound (about 10%
-smaller ε for DP-SGD), at a tenth of a second to a second per call.
+discretized every ``PLD_DISCRETIZATION`` = 1e-3): a tighter valid bound (10-30%
+smaller ε for DP-SGD runs), at a tenth of a second to a second per call.
 
 ``sampling`` defaults to ``"poisson"`` for backward compatibility; pass it (or a
 sampler's ``accounting``) explicitly, so that the ε is that of the batches that ran.

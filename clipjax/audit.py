@@ -1,4 +1,4 @@
-"""Empirical privacy auditing: the ε that a canary experiment certifies.
+r"""Empirical privacy auditing: the ε that a canary experiment certifies.
 
 An (ε, δ)-DP mechanism limits every test that tries to tell, from its output, whether
 a canary example was in its input. For any decision rule with false positive rate FPR
@@ -7,8 +7,8 @@ Viswanath, 2015):
 
 .. math::
 
-  \\mathrm{FPR} + e^{\\varepsilon}\\,\\mathrm{FNR} \\ge 1 - \\delta, \\qquad
-  \\mathrm{FNR} + e^{\\varepsilon}\\,\\mathrm{FPR} \\ge 1 - \\delta.
+  \mathrm{FPR} + e^{\varepsilon}\,\mathrm{FNR} \ge 1 - \delta, \qquad
+  \mathrm{FNR} + e^{\varepsilon}\,\mathrm{FPR} \ge 1 - \delta.
 
 Run the mechanism many times with the canary and many times without, score each output
 (higher meaning "in", e.g. the update's projection on the canary's gradient), and
@@ -101,7 +101,7 @@ def audit_epsilon(
   *,
   confidence: float = 0.95,
 ) -> float:
-  """Returns the lower bound on ε that a threshold test on canary scores certifies.
+  r"""Returns the lower bound on ε that a threshold test on canary scores certifies.
 
   ``scores_in`` come from independent runs of the mechanism with the canary,
   ``scores_out`` from independent runs without it, each a function of the
@@ -111,9 +111,9 @@ def audit_epsilon(
 
   .. math::
 
-    \\varepsilon \\ge \\max\\Big(0,\\;
-      \\log\\frac{1 - \\delta - \\overline{\\mathrm{FNR}}}{\\overline{\\mathrm{FPR}}},\\;
-      \\log\\frac{1 - \\delta - \\overline{\\mathrm{FPR}}}{\\overline{\\mathrm{FNR}}}\\Big).
+    \varepsilon \ge \max\Big(0,\;
+      \log\frac{1 - \delta - \overline{\mathrm{FNR}}}{\overline{\mathrm{FPR}}},\;
+      \log\frac{1 - \delta - \overline{\mathrm{FPR}}}{\overline{\mathrm{FNR}}}\Big).
 
   **The threshold is chosen on held-out trials.** The best of many thresholds,
   judged on the same trials that bound its error rates, would be a selection that

@@ -220,8 +220,7 @@ def poisson_overflow_probability(
   """
   n = _checks.check_count("num_examples", num_examples)
   size = _checks.check_count("max_batch_size", max_batch_size)
-  _checks.check_interval("sample_rate", sample_rate, 0, 1, open_low=True)
-  return _binomial.sf(n, float(sample_rate), size)
+  return _binomial.sf(n, _static_rate(sample_rate), size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,9 +252,10 @@ class PoissonSampler:
   max_batch_size: int
 
   def __post_init__(self):
-    _checks.check_count("num_examples", self.num_examples)
-    _checks.check_count("max_batch_size", self.max_batch_size)
+    object.__setattr__(self, "num_examples", _checks.check_count("num_examples", self.num_examples))
     object.__setattr__(self, "sample_rate", _static_rate(self.sample_rate))
+    size = _checks.check_count("max_batch_size", self.max_batch_size)
+    object.__setattr__(self, "max_batch_size", size)
 
   def __call__(self, key: jax.Array | int) -> tuple[jax.Array, jax.Array]:
     """``(indices, mask)`` of shape ``(max_batch_size,)``: see :func:`poisson_sample`."""
@@ -314,6 +314,8 @@ class WithoutReplacementSampler:
     b = _checks.check_count("batch_size", self.batch_size)
     if b > n:
       raise ValueError(f"batch_size must be <= num_examples = {n}, got {b}.")
+    object.__setattr__(self, "num_examples", n)
+    object.__setattr__(self, "batch_size", b)
 
   def __call__(self, key: jax.Array | int) -> tuple[jax.Array, jax.Array]:
     """``(indices, mask)``: a uniformly random ``batch_size``-subset, mask all True."""

@@ -182,7 +182,6 @@ def test_without_replacement_has_no_pld_event():
     (8.0, 0.05, 100, {"sampling": "poisson"}),
     (2.0, 0.01, 500, {"accountant": "pld"}),
     (3.0, 0.02, 100, {"num_examples": 2000, "max_batch_size": 90}),
-    (3.0, 0.02, 100, {"accountant": "pld", "num_examples": 500, "max_batch_size": 20}),
     (4.0, 0.05, 50, {"sampling": "without_replacement", "num_examples": 1000}),
   ],
 )
