@@ -4,6 +4,7 @@ import math
 import sys
 
 import dp_accounting
+import privacy_oracle
 import pytest
 from dp_accounting import pld, rdp
 
@@ -13,7 +14,7 @@ DELTA = 1e-5
 NEIGHBOURS = dp_accounting.NeighboringRelation
 
 
-def _rdp_poisson(sigma, q, steps, delta=DELTA):
+def _rdp_poisson(sigma, q, steps):
   accountant = rdp.RdpAccountant()
   accountant.compose(
     dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
@@ -29,20 +30,6 @@ def _direct_pld(event, steps, delta=DELTA):
   accountant = pld.PLDAccountant(value_discretization_interval=1e-3)
   accountant.compose(event, steps)
   return accountant.get_epsilon(delta)
-
-
-def _gaussian_epsilon(mu, delta):
-  """Exact ε of the Gaussian mechanism with sensitivity / σ = mu (Balle & Wang, 2018)."""
-  phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
-  excess = lambda eps: phi(mu / 2 - eps / mu) - math.exp(eps) * phi(-mu / 2 - eps / mu) - delta
-  low, high = 0.0, 100.0
-  for _ in range(200):
-    middle = (low + high) / 2
-    if excess(middle) > 0:
-      low = middle
-    else:
-      high = middle
-  return high
 
 
 # -- Poisson, RDP: the default, positional as in the design contract.
@@ -81,7 +68,7 @@ def test_pld_of_one_gaussian_release_is_the_exact_epsilon(sigma):
   # q = 1, one step: the Gaussian mechanism, whose exact ε has a closed form. The PLD
   # is a pessimistic (upper) estimate, within its discretization of the exact value;
   # RDP is valid but looser.
-  exact = _gaussian_epsilon(1 / sigma, DELTA)
+  exact = privacy_oracle.gaussian_epsilon(1 / sigma, DELTA)
   eps = dp_epsilon(sigma, 1.0, 1, DELTA, sampling="poisson", accountant="pld")
   assert exact <= eps <= exact * (1 + 2e-3)
   assert dp_epsilon(sigma, 1.0, 1, DELTA, sampling="poisson") > eps

@@ -6,25 +6,13 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 import numpy as np
+import privacy_oracle
 import pytest
 
 from clipjax import audit, audit_epsilon, dp_aggregate, dp_epsilon
 
 DELTA = 1e-5
 CONFIDENCE = 0.95
-
-
-def _gaussian_epsilon(mu, delta):
-  """Exact ε of the Gaussian mechanism with sensitivity / σ = mu (Balle & Wang, 2018)."""
-  phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
-  low, high = 0.0, 100.0
-  for _ in range(200):
-    middle = (low + high) / 2
-    if phi(mu / 2 - middle / mu) - math.exp(middle) * phi(-mu / 2 - middle / mu) > delta:
-      low = middle
-    else:
-      high = middle
-  return high
 
 
 def _exact_cdf(n, p, k):
@@ -103,7 +91,7 @@ def test_gaussian_scores_bound_below_and_near_the_exact_epsilon():
   rng = np.random.default_rng(3)
   scores_out = rng.normal(0.0, 1.0, 50_000)
   scores_in = rng.normal(mu, 1.0, 50_000)
-  exact = _gaussian_epsilon(mu, DELTA)
+  exact = privacy_oracle.gaussian_epsilon(mu, DELTA)
   assert exact == pytest.approx(dp_epsilon(1 / mu, 1.0, 1, DELTA, accountant="pld"), rel=2e-3)
   bound = audit_epsilon(scores_in, scores_out, DELTA)
   assert 0.4 * exact < bound < exact
