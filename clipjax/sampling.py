@@ -13,10 +13,10 @@ that sampler draws. Two are provided, each drawing a fresh batch at every step:
   :func:`clipjax.dp_epsilon` accounts for it when told ``max_batch_size``.
 - **Fixed size without replacement** (:class:`WithoutReplacementSampler`): every step
   is a uniformly random subset of exactly ``batch_size`` examples, drawn afresh (not an
-  epoch of a shuffled order, which is a different sampler with a different, weaker
-  guarantee). The ε is for the substitution relation (datasets of the same public size
-  that differ in one example), for which one example can move the clipped sum by twice
-  the clip norm.
+  epoch of a shuffled order, which is a different sampler that this accounting does not
+  cover). The ε is for the substitution relation (datasets of the same public size that
+  differ in one example), for which one example can move the clipped sum by twice the
+  clip norm.
 
 **The sampler carries its scheme.** A training loop that draws batches one way and
 reports the ε of another reports a false guarantee (Chua et al., 2024, measured how far
