@@ -1,6 +1,7 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
 from clipjax.accounting import calibrate_noise, dp_epsilon
+from clipjax.audit import audit_epsilon
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
 from clipjax.privacy import (
@@ -16,6 +17,12 @@ from clipjax.privacy import (
 )
 from clipjax.projection import project_ball_box
 from clipjax.rescale import max_norm, rescale
+from clipjax.sampling import (
+  PoissonSampler,
+  WithoutReplacementSampler,
+  poisson_overflow_probability,
+  poisson_sample,
+)
 from clipjax.transforms import clip_by_norm, clipping_aware_normalize
 
 __version__ = "0.1.0"
@@ -25,7 +32,10 @@ __all__ = [
   "ClippingStats",
   "DPAggregateState",
   "DPNoiseState",
+  "PoissonSampler",
+  "WithoutReplacementSampler",
   "adaptive_dp_aggregate",
+  "audit_epsilon",
   "calibrate_noise",
   "clip_by_norm",
   "clipped_grad",
@@ -37,6 +47,8 @@ __all__ = [
   "max_norm",
   "per_example_clip",
   "perturb",
+  "poisson_overflow_probability",
+  "poisson_sample",
   "project_ball_box",
   "random_perturbation",
   "rescale",

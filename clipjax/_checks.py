@@ -119,16 +119,22 @@ def check_positive(name: str, value: Any, *, finite: bool = False) -> None:
 
 
 def check_interval(
-  name: str, value: Any, low: float, high: float, *, open_low: bool = False
+  name: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  open_low: bool = False,
+  open_high: bool = False,
 ) -> None:
-  """``low <= value <= high`` (``low < value`` with ``open_low``) when it is concrete."""
+  """``low <= value <= high`` (strict where ``open_low`` / ``open_high``) when it is concrete."""
   v = _scalar(name, value)
   if v is None:
     return
-  ok = (low < v if open_low else low <= v) and v <= high
+  ok = (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
   if not ok:
-    bracket = "(" if open_low else "["
-    raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}.")
+    left, right = "(" if open_low else "[", ")" if open_high else "]"
+    raise ValueError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value!r}.")
 
 
 def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
