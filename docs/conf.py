@@ -37,9 +37,7 @@ myst_heading_anchors = 3
 
 # The API pages list names in `autosummary` tables; each name gets its own page.
 autosummary_generate = True
-autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
-napoleon_google_docstring = True
+# Docstrings are Google style only.
 napoleon_numpy_docstring = False
 
 # Every reference must resolve (with -W a dangling one fails the build).
@@ -62,10 +60,7 @@ html_theme = "sphinx_book_theme"
 html_title = "clipjax"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
-html_theme_options = {
-  "show_toc_level": 2,
-  "navigation_with_keys": False,
-}
+html_theme_options = {"show_toc_level": 2}
 
 
 # Annotations hold objects, which autodoc names where they are defined
@@ -78,7 +73,11 @@ _DOCUMENTED_AS = {
   "jax.Array": jax.Array,
   "optax.GradientTransformation": optax.GradientTransformation,
   "optax.GradientTransformationExtraArgs": optax.GradientTransformationExtraArgs,
-  **{f"clipjax.{name}": getattr(clipjax, name) for name in clipjax.__all__},
+  **{
+    f"clipjax.{name}": getattr(clipjax, name)
+    for name in clipjax.__all__
+    if isinstance(getattr(clipjax, name), type)
+  },
 }
 
 

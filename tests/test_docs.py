@@ -71,6 +71,6 @@ def test_page_snippets_run(page):
 
 
 def test_images_are_small():
-  large = {p.name: p.stat().st_size for p in (DOCS / "_static").glob("*.png")}
-  large = {name: size for name, size in large.items() if size > 200_000}
+  sizes = {p.name: p.stat().st_size for p in (DOCS / "_static").glob("*.png")}
+  large = {name: size for name, size in sizes.items() if size > 200_000}
   assert not large, f"docs/_static images over 200 KB: {large}"
