@@ -366,5 +366,6 @@ def plot(rows: list[dict], path: str) -> None:
   fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8)
   fig.suptitle("jit(vmap(rescale)), uniform x, Gaussian delta", y=0.02, va="bottom", fontsize=9)
   fig.tight_layout(rect=(0, 0.04, 1, 0.92))
-  fig.savefig(path, dpi=120)
+  # A one-panel figure (p = 2 only) is narrower than the legend: keep all of it.
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
