@@ -76,6 +76,11 @@ def _eta_jvp(p, method, primals, tangents):
   return eta, t
 
 
+# Compiled once per shape, p and method: called eagerly, the solve's loops would
+# otherwise be traced and compiled again at every call (about a second each).
+_solve = jax.jit(_eta, static_argnums=(2, 3))
+
+
 def _rescale(x, delta, eps, p, lower, upper, method):
   """Shared by ``rescale`` and ``perturb``: (eta in the compute dtype, box, treedef, out dtype)."""
   p = _checks.canonical_p(p)
@@ -88,7 +93,7 @@ def _rescale(x, delta, eps, p, lower, upper, method):
     raise ValueError(f"eps must be a scalar, got shape {eps.shape}; use jax.vmap for a batch.")
   # One closed form serves every method at p = inf.
   method = "newton" if p == math.inf else resolve_method(method, box)
-  eta = _eta(box, eps, p, method)
+  eta = _solve(box, eps, p, method)
   return eta, box, treedef, out
 
 
