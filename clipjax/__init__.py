@@ -3,6 +3,7 @@
 from clipjax.accounting import calibrate_noise, dp_epsilon
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
+from clipjax.pgd import pgd
 from clipjax.privacy import (
   AdaptiveDPAggregateState,
   ClippingStats,
@@ -37,6 +38,7 @@ __all__ = [
   "max_norm",
   "per_example_clip",
   "perturb",
+  "pgd",
   "project_ball_box",
   "random_perturbation",
   "rescale",
