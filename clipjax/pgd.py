@@ -23,10 +23,10 @@ but projecting onto ``C`` after clipping is not projecting onto ``C``: the clip
 discards how far a coordinate is pushed past its bound, and the ball projection
 then pulls that coordinate back inside, at every iteration. The iteration would
 stall short of the constrained maximiser (for ``w·z`` from ``x = (0.1, 0.5,
-0.95)``, ``w = (1, −2, 3)``, ``eps = 0.5``, it settles with ``z_3 = 0.9917`` and
-loss 3.1816 instead of ``z_3 = 1`` and 3.2124). Projecting ``z + eta·g`` keeps the
-fixed points of projected gradient ascent: the points where ``g`` lies in the
-normal cone of ``C``.
+0.95)``, ``w = (1, −2, 3)``, ``eps = 0.5`` and steps of 0.1, it settles with
+``z_3 = 0.9917`` and loss 3.1816 instead of ``z_3 = 1`` and 3.2124). Projecting
+``z + eta·g`` keeps the fixed points of projected gradient ascent: the points
+where ``g`` lies in the normal cone of ``C``.
 
 For ``p = inf`` the step and the projection coincide with the usual signed step
 and clip: the ball ∩ box is a box.
