@@ -224,7 +224,9 @@ def pgd(
     loss_fn, x, eps, p, steps, step_size, lower, upper, key, random_start
   )
   x = jax.tree.unflatten(treedef, leaves)
-  eps = jnp.asarray(eps, jnp.result_type(*leaves))
+  dtype = jnp.result_type(*leaves)
+  # Half precision cannot hold eps to the accuracy the solvers work in (float32).
+  eps = jnp.asarray(eps, jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype)
   box = dict(p=p, lower=lower, upper=upper)
   start = x
   if random_start:
@@ -244,7 +246,8 @@ def pgd(
     if p == math.inf:
       g = jax.tree.map(jnp.sign, g)
     eta = rescale(z, g, alpha, **box)
-    y = jax.tree.map(lambda zi, gi: zi + eta * gi, z, g)
+    # Leaves keep their dtypes, so the iterates of mixed-precision pytrees do too.
+    y = jax.tree.map(lambda zi, gi: (zi + eta * gi).astype(zi.dtype), z, g)
     return project_ball_box(y, x, eps, **box), value
 
   x_adv, losses = jax.lax.scan(iteration, start, length=steps)

@@ -268,6 +268,17 @@ def test_pytree_with_pytree_bounds_is_one_vector():
   assert not np.allclose(want, x)
 
 
+def test_mixed_precision_pytree_keeps_dtypes():
+  x = {"a": jnp.array([0.1, 0.5, 0.9], jnp.bfloat16), "b": jnp.array([0.0, 1.0], jnp.float32)}
+  loss = lambda t: jnp.sum(jnp.sin(3 * t["a"].astype(jnp.float32))) + jnp.sum(t["b"] * 2)
+  got = clipjax.pgd(loss, x, 0.3, p="inf", steps=3, key=0)
+  assert got["a"].dtype == jnp.bfloat16 and got["b"].dtype == jnp.float32
+  for name in x:
+    z = np.asarray(got[name], np.float64)
+    assert np.all(np.abs(z - np.asarray(x[name], np.float64)) <= 0.3 * (1 + 2**-7))
+    assert np.all((z >= 0) & (z <= 1))
+
+
 def _fd(f, v, h=1e-6):
   v = np.asarray(v, np.float64)
   out = np.zeros(v.size)
