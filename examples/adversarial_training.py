@@ -169,7 +169,6 @@ def _train(data, method, args):
   key = jax.random.key(args.seed + 1)
   sizes = []
   for epoch in tqdm(range(args.epochs), desc=f"training: {method}", unit="epoch", leave=False):
-    sizes = []
     epoch_key = jax.random.fold_in(key, epoch)
     for i, (x, y) in enumerate(_batches(data, args.batch, (args.seed, epoch))):
       if kind is not None:
@@ -177,7 +176,8 @@ def _train(data, method, args):
           params, jax.random.fold_in(epoch_key, i + 1), x, y, eps, p=p, kind=kind,
           steps=args.pgd_steps,
         )  # fmt: skip
-        sizes.append(jnp.linalg.norm(x_pert - x, ord=p, axis=-1) / eps)
+        if epoch == args.epochs - 1:
+          sizes.append(jnp.linalg.norm(x_pert - x, ord=p, axis=-1) / eps)
         x = x_pert
       params, opt_state = _train_step(params, opt_state, x, y)
   return params, float(jnp.mean(jnp.concatenate(sizes))) if sizes else None

@@ -120,7 +120,8 @@ def _norm(v, p):
 
 @pytest.mark.parametrize("p", _PS)
 def test_iterates_match_the_oracle(p):
-  # From a random start on the sphere, with the default step 2.5·eps/steps.
+  # From a random start on the sphere, with steps of 2.5·eps/steps (the default, which
+  # the vmap test checks).
   x, w, k, grad = _problem(0)
   eps = _EPS[p]
   alpha = 2.5 * eps / _STEPS
