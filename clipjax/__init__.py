@@ -4,6 +4,7 @@ from clipjax.accounting import calibrate_noise, dp_epsilon
 from clipjax.audit import audit_epsilon
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
+from clipjax.pgd import pgd
 from clipjax.privacy import (
   AdaptiveDPAggregateState,
   ClippingStats,
@@ -47,6 +48,7 @@ __all__ = [
   "max_norm",
   "per_example_clip",
   "perturb",
+  "pgd",
   "poisson_overflow_probability",
   "poisson_sample",
   "project_ball_box",

@@ -92,3 +92,34 @@ def test_dp_sgd(tmp_path):
   for h in histories.values():
     assert len(h["accuracy"]) == 2
     assert all(np.isfinite(v) for v in h["bias_norm"])
+
+
+def test_adversarial_training(tmp_path, capsys):
+  result, out = _run("adversarial_training", tmp_path, capsys)
+  assert "budget" in out and "clean" in out
+  rows = {r["method"]: r for r in result["rows"]}
+  assert {"plain", "PGD-L2 clipjax", "PGD-L2 usual"} <= set(rows)
+  for r in rows.values():
+    accuracies = [r["clean"], r["L2 usual attack"], *r["L2"].values(), *r["Linf"].values()]
+    assert all(0.0 <= a <= 1.0 for a in accuracies)
+  assert rows["plain"]["clean"] > 0.5
+  # clipjax.pgd's training perturbations use (nearly) all of eps; the usual recipe's
+  # are shortened by clipping.
+  assert rows["PGD-L2 clipjax"]["budget_used"] > 0.99
+  assert rows["PGD-L2 usual"]["budget_used"] < rows["PGD-L2 clipjax"]["budget_used"]
+
+
+def test_universal_perturbation(tmp_path, capsys):
+  result, out = _run("universal_perturbation", tmp_path, capsys)
+  assert "exact fool" in out and "naive fool" in out
+  for r in result["rows"]:
+    # Every exactly perturbed image is eps away after clipping; naive ones are closer.
+    for size in ("exact_size", "exact_min_size", "exact_max_size"):
+      assert r[size] == pytest.approx(r["eps"], rel=1e-4)
+    assert r["naive_size"] < r["eps"] and r["naive_max_size"] <= r["eps"] * (1 + 1e-5)
+    assert r["exact_matched_max_error"] <= 1e-4 * r["eps"]
+    for fool in ("exact_fool", "naive_fool", "exact_matched_fool"):
+      assert 0.0 <= r[fool] <= 1.0
+  # The derivative through the scale is exact; holding the scale constant is not.
+  assert result["gradient_error"] < 1e-6
+  assert result["held_scale_error"] > 1e-2
