@@ -13,7 +13,9 @@ argument            accepted                                    refused with ``V
                     ``math.inf``, ``jnp.inf`` or a string        value, booleans, other
                     ``"inf"`` / ``"infinity"`` (any case)        strings
 clip norms, noise   Python or NumPy/JAX scalars ``>= 0``          negative or NaN values
-multipliers         (``inf`` where the docstring allows it)
+multipliers         (``inf`` where the docstring allows it);
+                    clip norms also as a pytree of such
+                    scalars (group-wise)
 probabilities       scalars in the documented interval          outside it, NaN
 keys                typed ``jax.random.key``, raw ``uint32``     anything else
                     ``PRNGKey`` data, or an int seed
@@ -116,6 +118,19 @@ def check_positive(name: str, value: Any, *, finite: bool = False) -> None:
     raise ValueError(f"{name} must be > 0, got {value!r}.")
   if finite and not math.isfinite(v):
     raise ValueError(f"{name} must be finite, got {value!r}.")
+
+
+def check_clip_norm(clip_norm: Any, name: str = "clip_norm", *, positive: bool = False) -> None:
+  """A scalar ``>= 0`` (``> 0`` with ``positive``), or a pytree of them (group-wise clipping)."""
+  leaves = jax.tree.leaves(clip_norm)
+  if not leaves:
+    raise ValueError(
+      f"{name} must be a scalar or a pytree prefix of the gradients with scalar leaves, "
+      f"got {clip_norm!r}."
+    )
+  check = check_positive if positive else check_nonnegative
+  for leaf in leaves:
+    check(name, leaf)
 
 
 def check_interval(
