@@ -204,7 +204,9 @@ def check_mask(mask: Any, size: int, name: str = "mask") -> jax.Array | None:
   """``None``, or a boolean ``(size,)`` array (True marks a real example)."""
   if mask is None:
     return None
-  shape, dtype = np.shape(mask), jnp.result_type(mask)
+  shape = np.shape(mask)
+  # A list of booleans has no dtype for jnp.result_type: NumPy reads it.
+  dtype = mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype
   if shape != (size,):
     raise ValueError(f"{name} must have shape ({size},), one entry per example; got {shape}.")
   if dtype != jnp.bool_:
