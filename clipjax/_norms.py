@@ -210,17 +210,25 @@ def _rows_norm(p, nb, mask, *leaves):
   acc = accumulation_dtype(leaves)
   shape = leaves[0].shape[:nb] if leaves else ()
   info, itype = _layout(acc)
-  mags = [jnp.abs(v.astype(acc)) for v in leaves]
-  bits = [lax.bitcast_convert_type(m, itype) for m in mags]
+
+  # Built where they are used: values a `lax.cond` branch closes over become its
+  # operands, and XLA materialises them (two full copies of the gradients) even when
+  # the branch is not taken.
+  def magnitudes():
+    return [jnp.abs(v.astype(acc)) for v in leaves]
+
+  def bit_patterns(mags):
+    return [lax.bitcast_convert_type(m, itype) for m in mags]
+
   if p == math.inf:
     # A maximum never overflows. Bit patterns order like the magnitudes and keep the
     # subnormal entries that a float max (and any arithmetic on them) would flush.
-    top_bits = _rows(bits, nb, jnp.max, shape, itype)
+    top_bits = _rows(bit_patterns(magnitudes()), nb, jnp.max, shape, itype)
     top = lax.bitcast_convert_type(top_bits, acc)
     subnormal = _subnormal_parts(top)[0]
     exponent = jnp.where(subnormal, _exponent_of(top_bits, acc), 0)
     return exponent, jnp.where(subnormal, _scale_exact(top, -exponent), top)
-  total = _rows([_pow(m, p) for m in mags], nb, jnp.sum, shape, acc)
+  total = _rows([_pow(m, p) for m in magnitudes()], nb, jnp.sum, shape, acc)
   n = sum(math.prod(v.shape[nb:]) for v in leaves)
   # Terms below the smallest normal are flushed to zero; past this total, all of
   # them together (fewer than n) change it by less than half an ulp.
@@ -232,7 +240,8 @@ def _rows_norm(p, nb, mask, *leaves):
   plain = (jnp.zeros(shape, jnp.int32), _root(total, p))
 
   def scaled():
-    top_bits = _rows(bits, nb, jnp.max, shape, itype)
+    mags = magnitudes()
+    top_bits = _rows(bit_patterns(mags), nb, jnp.max, shape, itype)
     finite = top_bits < lax.bitcast_convert_type(jnp.asarray(jnp.inf, acc), itype)
     exponent = jnp.where(finite, _exponent_of(jnp.clip(top_bits, 0, None), acc), 0)
     # Each |v_j| · 2^-exponent lies in [0, 1), the largest one in [0.5, 1).
