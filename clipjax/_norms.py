@@ -237,7 +237,8 @@ def _rows_norm(p, nb, mask, *leaves):
   trusted = jnp.isnan(total) | ((total >= threshold) & (total < jnp.inf))
   if mask is not None:
     trusted = trusted | ~mask
-  plain = (jnp.zeros(shape, jnp.int32), _root(total, p))
+  # zeros_like: under an explicit mesh the exponent must be sharded like the total.
+  plain = (jnp.zeros_like(total, jnp.int32), _root(total, p))
 
   def scaled():
     mags = magnitudes()
@@ -355,7 +356,7 @@ def clip_weights(
     # A tiny norm is dominated by γ: only norms past the top need the scaled form,
     # C / (unit + γ·2^-exponent), applied to v·2^-exponent.
     scaled = out_of_range & (norm == jnp.inf)
-    gamma_scaled = _scale_exact(jnp.broadcast_to(gamma, n.unit.shape), -n.exponent)
+    gamma_scaled = _scale_exact(jnp.full_like(n.unit, gamma), -n.exponent)
     factor = c / jnp.where(scaled, n.unit + gamma_scaled, norm + gamma)
   else:  # normalize
     positive = n.unit > 0
