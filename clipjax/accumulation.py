@@ -13,21 +13,8 @@ whole clipped sum, which is then divided by the logical batch size. Two ways:
 * :func:`accumulate`, for physical batches fed one at a time from the host: an optax
   wrapper that sums the clipped sums of ``num_batches`` updates, keeps their
   per-example extra arguments (norms, masks), and calls the wrapped noise and
-  optimizer once per logical batch.
-
-Neither ``optax.MultiSteps`` nor ``optax.apply_every`` does this (optax issues #515 and
-#527). ``optax.MultiSteps`` around :func:`clipjax.dp_aggregate` averages the
-per-example gradient arrays of successive physical batches slot by slot before
-:func:`clipjax.dp_aggregate` sees them, so it clips means of unrelated examples, not
-examples, and divides by the physical batch size (and in optax 0.2.8 the accumulator,
-shaped like the parameters, does not even match per-example gradients).
-``optax.apply_every`` after :func:`clipjax.dp_aggregate` adds up updates that were
-each noised already: :math:`k` noise draws per logical batch, a noise standard
-deviation :math:`\sqrt k` times the one that the logical batch's accounting needs.
-(``optax.MultiSteps(..., use_grad_mean=False)`` around :func:`clipjax.dp_noise` does
-add the noise once, but it hands the inner transformation the extra arguments of the
-last physical batch only, so adaptive clipping would count a fraction of the logical
-batch.)
+  optimizer once per logical batch. Its docstring says why ``optax.MultiSteps`` and
+  ``optax.apply_every`` do not do this.
 """
 
 from __future__ import annotations
@@ -151,10 +138,21 @@ def accumulate(
   Poisson sampling). The wrapper adds up the clipped sums of ``num_batches``
   successive updates and returns zeros for the first ``num_batches − 1``, so the
   parameters do not move; the last one hands the total to ``tx``, which adds its
-  noise once and steps its optimizer once, and its output is returned. Unlike
-  ``optax.MultiSteps`` it sums (a clipped sum is not averaged) and the inner
-  transformation runs only on the last update (see :mod:`clipjax.accumulation` for
-  why ``MultiSteps`` and ``apply_every`` are wrong here).
+  noise once and steps its optimizer once, and its output is returned.
+
+  Why not optax's accumulation (optax issues #515 and #527): ``optax.MultiSteps``
+  around :func:`clipjax.dp_aggregate` averages the per-example gradient arrays of
+  successive physical batches slot by slot before :func:`clipjax.dp_aggregate` sees
+  them, so it would clip means of unrelated examples and divide by the physical batch
+  size (in optax 0.2.8 it fails outright: its accumulator is shaped like the
+  parameters). ``optax.apply_every`` after :func:`clipjax.dp_aggregate` adds up
+  updates that were each noised already: :math:`k` draws per logical batch, a noise
+  standard deviation :math:`\sqrt k` times the one the logical batch's accounting
+  needs. ``optax.MultiSteps(..., use_grad_mean=False)`` around
+  :func:`clipjax.dp_noise` does noise once, but hands the inner transformation the
+  extra arguments of the last physical batch only: adaptive clipping would count a
+  fraction of the logical batch. This wrapper sums, runs the inner transformation only
+  on the last update, and concatenates the per-example arguments.
 
   Per-example extra arguments of ``update`` (the ``norms`` and ``mask`` that
   :func:`clipjax.adaptive_dp_noise` needs) are named in ``per_example``, with an

@@ -1,43 +1,10 @@
-r"""Adaptive clip norms (Andrew et al.), on per-example gradients or on a clipped sum.
+"""Adaptive clip norms (Andrew et al.), on per-example gradients or on a clipped sum.
 
-Each step clips with the current clip norm :math:`C`, and every real example reports
-whether it fitted, :math:`b_i = 1[\|g_i\| \le C]` (non-finite examples report 0). The
-noised fraction
-
-.. math::
-
-  \bar b = \mathrm{clamp}\Big(\big(\textstyle\sum_{i\ \mathrm{real}} (b_i - \tfrac12)
-    + \mathcal{N}(0, \sigma_b^2)\big) / B + \tfrac12,\ 0,\ 1\Big)
-
-moves the clip norm geometrically, :math:`C \leftarrow C \exp(-\eta_C (\bar b -
-\gamma))`: up while fewer than a fraction :math:`\gamma` of the examples fit, down
-otherwise, so it tracks the :math:`\gamma`-quantile of the per-example norms. The
-update of a step uses the clip norm from before that step's adaptation, as in the
-paper; the state then holds the next step's.
-
-**Group-wise.** With a pytree of clip norms :math:`C_1, \dots, C_K` every group adapts
-to the quantile of its own norms, from its own noised count.
-
-**Privacy.** Adding or removing one example moves each count by :math:`\frac12` and the
-clipped sum by at most :math:`\Delta = \sqrt{\sum_k C_k^2}` (:func:`clipjax.sensitivity`).
-The count vector (noise :math:`\sigma_b` per count, L2 sensitivity
-:math:`\sqrt K / 2`) is a Gaussian query of multiplier :math:`2\sigma_b/\sqrt K`; the
-sum, noised with multiplier :math:`z_\Delta`, is another; together they cost what one
-Gaussian query of multiplier :math:`z` costs when
-:math:`z^{-2} = z_\Delta^{-2} + K (2\sigma_b)^{-2}` (Andrew et al., Theorem 1, with
-:math:`K` counts). So the sum gets
-
-.. math::
-
-  z_\Delta = \big(z^{-2} - K\,(2\sigma_b)^{-2}\big)^{-1/2},
-
-and ``noise_multiplier`` (:math:`z`) is what the accountant is told. The split needs
-:math:`z < 2\sigma_b/\sqrt K`: otherwise a ``ValueError`` (for concrete values; traced
-ones that violate it give NaN updates, never a finite wrong one). With the default
-:math:`\sigma_b = B/20`, :math:`B = 256` and :math:`z = 1`, the sum's multiplier is
-:math:`z_\Delta` = 1.0008 for one group, 1.0031 for 4 and 1.0077 for 10. ``z = 0``
-means no privacy: no noise on the sum and, unless ``count_noise_stddev`` is given, none
-on the counts either.
+The clip norm follows a quantile of the per-example norms, estimated from a noised count
+of the examples that fit; with a pytree of clip norms every group follows its own. The
+count's noise and the sum's are split so that together they cost one Gaussian query of
+the given noise multiplier: :func:`adaptive_dp_noise` states the rule and the split,
+:func:`adaptive_dp_aggregate` applies it to per-example gradients through the same code.
 
 References:
   Andrew, Thakkar, McMahan & Ramaswamy, `Differentially Private Learning with
@@ -218,11 +185,33 @@ def adaptive_dp_noise(
     updates, state = tx.update(clipped_sum, state, norms=norms, mask=mask)
 
   The update is :math:`(s + \mathcal{N}(0, (z_\Delta\, \Delta)^2 I)) / B` with
-  :math:`\Delta` = :func:`clipjax.sensitivity` of ``state.clip_norm`` (the clip norm
-  the sum was clipped with), and the state's clip norm then moves toward the target
-  quantile of the norms, group by group; see :mod:`clipjax.adaptive` for the rule
-  and the privacy split :math:`z_\Delta = (z^{-2} - K(2\sigma_b)^{-2})^{-1/2}` over the
-  :math:`K` groups.
+  :math:`\Delta` = :func:`clipjax.sensitivity` of ``state.clip_norm``, the clip norm
+  the sum was clipped with. Then every real example reports, for each group
+  :math:`k`, whether it fitted, :math:`b_{ik} = 1[\|g_{ik}\| \le C_k]` (non-finite
+  norms do not), and each clip norm moves toward the :math:`\gamma`-quantile of its
+  group's norms:
+
+  .. math::
+
+    \bar b_k = \mathrm{clamp}\Big(\big(\textstyle\sum_{i\ \mathrm{real}}
+      (b_{ik} - \tfrac12) + \mathcal{N}(0, \sigma_b^2)\big) / B + \tfrac12,\ 0,\
+      1\Big), \qquad C_k \leftarrow C_k \exp(-\eta_C (\bar b_k - \gamma)).
+
+  **Privacy.** One example moves each of the :math:`K` counts by :math:`\frac12` and
+  the sum by at most :math:`\Delta`, so with
+
+  .. math::
+
+    z_\Delta = \big(z^{-2} - K\,(2\sigma_b)^{-2}\big)^{-1/2}
+
+  the sum and the counts together cost what one Gaussian query of multiplier
+  :math:`z` costs (Andrew et al., Theorem 1, over :math:`K` counts): tell the
+  accountant ``noise_multiplier``. The split needs :math:`z < 2\sigma_b/\sqrt K`, or a
+  ``ValueError`` is raised (for concrete values; traced ones that violate it give NaN
+  updates). With the default :math:`\sigma_b = B/20`, :math:`B = 256` and
+  :math:`z = 1`, the sum's multiplier is 1.0008 for one group, 1.0031 for 4 and
+  1.0077 for 10. ``z = 0`` means no privacy: no noise on the sum and, unless
+  ``count_noise_stddev`` is given, none on the counts.
 
   Args:
     initial_clip_norm: the first clip norm, ``> 0``; a pytree of them (a prefix of the
@@ -309,14 +298,24 @@ def adaptive_dp_aggregate(
 
   1. the output is :func:`clipjax.dp_aggregate`'s with clip norm :math:`C` (L2
      norm, ``"clip"`` scaling) and noise multiplier :math:`z_\Delta`;
-  2. each real example reports :math:`b_i = 1[\|g_i + k\zeta_i\| \le C]`, and the
-     clip norm for the *next* update moves as described in :mod:`clipjax.adaptive`
-     (every group on its own, with a group-wise clip norm).
+  2. each real example reports :math:`b_i = 1[\|g_i + k\zeta_i\| \le C]` (non-finite
+     examples report 0), and the clip norm for the *next* update moves toward the
+     :math:`\gamma`-quantile of the norms,
+
+     .. math::
+
+       \bar b = \mathrm{clamp}\Big(\big(\textstyle\sum_{i\ \mathrm{real}} (b_i -
+         \tfrac12) + \mathcal{N}(0, \sigma_b^2)\big) / B' + \tfrac12,\ 0,\ 1\Big),
+       \qquad C \leftarrow C \exp(-\eta_C (\bar b - \gamma)),
+
+     every group on its own with a group-wise clip norm.
 
   This is :func:`adaptive_dp_noise` applied to the clipped sum of the per-example
-  gradients it is given: the same rule, the same privacy split
-  :math:`z_\Delta = (z^{-2} - K(2\sigma_b)^{-2})^{-1/2}` over the :math:`K` groups, so
-  account for ``noise_multiplier`` as usual.
+  gradients it is given: the same rule and the same privacy split
+  :math:`z_\Delta = (z^{-2} - K(2\sigma_b)^{-2})^{-1/2}` over the :math:`K` group
+  counts, so the pair costs what one Gaussian query of multiplier :math:`z` costs:
+  account for ``noise_multiplier`` as usual. It needs :math:`z < 2\sigma_b/\sqrt K`
+  (a ``ValueError`` for concrete values, NaN updates for traced ones).
 
   Args:
     initial_clip_norm: the first clip norm, ``> 0``; or a pytree prefix of the

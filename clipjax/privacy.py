@@ -224,7 +224,10 @@ def sensitivity(clip_norm: Any) -> jax.Array:
     1.5
   """
   _checks.check_clip_norm(clip_norm)
-  return _sensitivity(clip_norm)
+  return _sensitivity_jit(clip_norm)
+
+
+_sensitivity_jit = jax.jit(_sensitivity)
 
 
 def per_example_clip(
@@ -332,8 +335,10 @@ def dp_aggregate(
   size :math:`B` when it is ``None``. Under Poisson sampling pass
   ``expected_batch_size = sample_rate · num_examples`` and the batch's ``mask``:
   dividing by the realized batch size would make the divisor depend on the data.
-  ``scaling`` replaces ``clip`` by another rule (see :mod:`clipjax.privacy`);
-  group-wise clip norms clip each group on its own.
+  ``scaling`` replaces ``clip`` by ``C/(‖g‖ + stability)`` (``"automatic"``) or
+  ``C/‖g‖`` (``"normalize"``); with a group-wise clip norm (a pytree prefix of the
+  gradients) each group of each example is clipped to its own :math:`C_k`. An example
+  with a NaN or inf entry is dropped.
 
   With :math:`k = 0` this is DP-SGD's aggregation; with :math:`k > 0` it is Chen et
   al.'s bias correction: symmetric noise before clipping makes the clipped mean

@@ -167,8 +167,9 @@ def test_group_wise_norms_converge_to_their_own_quantiles():
 
 
 def test_split_multipliers_documented():
-  # clipjax.adaptive's docstring: z = 1, B = 256, default σ_b = B/20, K groups.
+  # adaptive_dp_noise's docstring: z = 1, B = 256, default σ_b = B/20, K groups.
   for groups, documented in [(1, 1.0008), (4, 1.0031), (10, 1.0077)]:
+    assert str(documented) in adaptive_dp_noise.__doc__
     exact = (1.0 - groups / (2 * 256 / 20) ** 2) ** -0.5
     assert round(exact, 4) == documented
     np.testing.assert_allclose(float(_sum_multiplier(1.0, 256 / 20, groups)), exact, rtol=1e-12)
