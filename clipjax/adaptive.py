@@ -78,7 +78,9 @@ def _sum_multiplier(noise_multiplier, count_stddev, groups: int):
   z = noise_multiplier
   positive = z > 0
   inverse = jnp.where(positive, z, 1.0) ** -2.0 - groups * (2.0 * jnp.asarray(count_stddev)) ** -2.0
-  return jnp.where(positive, inverse**-0.5, 0.0)
+  # Explicitly NaN: a power would give (-inf)^(-1/2) = 0 for σ_b = 0, no noise at all.
+  split = jnp.where(inverse > 0, jnp.where(inverse > 0, inverse, 1.0) ** -0.5, jnp.nan)
+  return jnp.where(positive, split, 0.0)
 
 
 def _check_adaptive(initial_clip_norm, noise_multiplier, target_quantile, clip_learning_rate):

@@ -174,6 +174,7 @@ def test_split_multipliers_documented():
     assert round(exact, 4) == documented
     np.testing.assert_allclose(float(_sum_multiplier(1.0, 256 / 20, groups)), exact, rtol=1e-12)
   assert float(_sum_multiplier(0.0, 0.0, 3)) == 0.0  # no privacy, no noise
+  assert np.isnan(_sum_multiplier(1.0, 0.0, 1)) and np.isnan(_sum_multiplier(2.0, 1.0, 1))
 
 
 def test_noise_split_refused():
@@ -197,18 +198,24 @@ def test_noise_split_refused():
     adaptive_dp_aggregate(four, 1.0, key=0, count_noise_stddev=1.0)
 
 
-def test_traced_bad_split_gives_nan():
-  # Traced values cannot be checked: the invalid split gives NaN, not a finite wrong
-  # answer.
-  for factory, args in [(adaptive_dp_aggregate, ()), (adaptive_dp_noise, (20,))]:
-    tx = optax.inject_hyperparams(factory)(1.0, 1.0, *args, key=0, count_noise_stddev=2.0)
-    params = jnp.zeros(3)
+@pytest.mark.parametrize("factory", [adaptive_dp_aggregate, adaptive_dp_noise])
+def test_traced_bad_split_gives_nan(factory):
+  # Traced values cannot be checked: an invalid split gives NaN, never a finite wrong
+  # answer. σ_b = 0 is the sharpest case: (-inf)^(-1/2) would be 0, no noise at all.
+  args = () if factory is adaptive_dp_aggregate else (20,)
+  tx = optax.inject_hyperparams(factory)(1.0, 1.0, *args, key=0, count_noise_stddev=2.0)
+  params = jnp.zeros(3)
+  extra = {"norms": jnp.ones(20)} if factory is adaptive_dp_noise else {}
+  grads = jnp.ones((20, 3)) if factory is adaptive_dp_aggregate else jnp.ones(3)
+  update = jax.jit(tx.update)
+  for z, count_stddev in [(5.0, 2.0), (1.0, 0.0), (4.0, 2.0)]:
     state = tx.init(params)
-    state.hyperparams["noise_multiplier"] = jnp.asarray(5.0)
-    extra = {"norms": jnp.ones(20)} if factory is adaptive_dp_noise else {}
-    grads = jnp.ones((20, 3)) if factory is adaptive_dp_aggregate else jnp.ones(3)
-    updates, _ = jax.jit(tx.update)(grads, state, params, **extra)
-    assert np.all(np.isnan(updates))
+    state.hyperparams["noise_multiplier"] = jnp.asarray(z)
+    state.hyperparams["count_noise_stddev"] = jnp.asarray(count_stddev)
+    updates, _ = update(grads, state, params, **extra)
+    assert np.all(np.isnan(updates)), (z, count_stddev)
+  state.hyperparams["noise_multiplier"] = jnp.asarray(3.9)
+  assert np.all(np.isfinite(update(grads, state, params, **extra)[0]))
 
 
 def test_adaptive_validates():
