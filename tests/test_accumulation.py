@@ -50,7 +50,7 @@ def _dyadic_batch():
   x = np.zeros((BATCH, 3))
   x[:, 0], x[:, 2] = 3 * scale, 4 * scale
   y = rng.choice([-1.0, 1.0], size=BATCH)
-  # The bias gradient is y: together (3, 0, 4, 1)·2^j·y, of norm √(25·4^j + 1).
+  # The bias gradient y (norm 1) is a clip-norm group of its own, at 1: exact too.
   return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
 
 
