@@ -1,20 +1,26 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
 from clipjax.accounting import calibrate_noise, dp_epsilon
+from clipjax.accumulation import AccumulateState, accumulate, microbatch
+from clipjax.adaptive import (
+  AdaptiveDPAggregateState,
+  AdaptiveDPNoiseState,
+  adaptive_dp_aggregate,
+  adaptive_dp_noise,
+)
 from clipjax.audit import audit_epsilon
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
 from clipjax.pgd import pgd
 from clipjax.privacy import (
-  AdaptiveDPAggregateState,
   ClippingStats,
   DPAggregateState,
   DPNoiseState,
-  adaptive_dp_aggregate,
   clipping_stats,
   dp_aggregate,
   dp_noise,
   per_example_clip,
+  sensitivity,
 )
 from clipjax.projection import project_ball_box
 from clipjax.rescale import max_norm, rescale
@@ -29,13 +35,17 @@ from clipjax.transforms import clip_by_norm, clipping_aware_normalize
 __version__ = "0.1.0"
 
 __all__ = [
+  "AccumulateState",
   "AdaptiveDPAggregateState",
+  "AdaptiveDPNoiseState",
   "ClippingStats",
   "DPAggregateState",
   "DPNoiseState",
   "PoissonSampler",
   "WithoutReplacementSampler",
+  "accumulate",
   "adaptive_dp_aggregate",
+  "adaptive_dp_noise",
   "audit_epsilon",
   "calibrate_noise",
   "clip_by_norm",
@@ -46,6 +56,7 @@ __all__ = [
   "dp_epsilon",
   "dp_noise",
   "max_norm",
+  "microbatch",
   "per_example_clip",
   "perturb",
   "pgd",
@@ -54,4 +65,5 @@ __all__ = [
   "project_ball_box",
   "random_perturbation",
   "rescale",
+  "sensitivity",
 ]

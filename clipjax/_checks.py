@@ -13,7 +13,9 @@ argument            accepted                                    refused with ``V
                     ``math.inf``, ``jnp.inf`` or a string        value, booleans, other
                     ``"inf"`` / ``"infinity"`` (any case)        strings
 clip norms, noise   Python or NumPy/JAX scalars ``>= 0``          negative or NaN values
-multipliers         (``inf`` where the docstring allows it)
+multipliers         (``inf`` where the docstring allows it);
+                    clip norms also as a pytree of such
+                    scalars (group-wise)
 probabilities       scalars in the documented interval          outside it, NaN
 keys                typed ``jax.random.key``, raw ``uint32``     anything else
                     ``PRNGKey`` data, or an int seed
@@ -118,6 +120,19 @@ def check_positive(name: str, value: Any, *, finite: bool = False) -> None:
     raise ValueError(f"{name} must be finite, got {value!r}.")
 
 
+def check_clip_norm(clip_norm: Any, name: str = "clip_norm", *, positive: bool = False) -> None:
+  """A scalar ``>= 0`` (``> 0`` with ``positive``), or a pytree of them (group-wise clipping)."""
+  leaves = jax.tree.leaves(clip_norm)
+  if not leaves:
+    raise ValueError(
+      f"{name} must be a scalar or a pytree prefix of the gradients with scalar leaves, "
+      f"got {clip_norm!r}."
+    )
+  check = check_positive if positive else check_nonnegative
+  for leaf in leaves:
+    check(name, leaf)
+
+
 def check_interval(
   name: str,
   value: Any,
@@ -195,7 +210,9 @@ def check_mask(mask: Any, size: int, name: str = "mask") -> jax.Array | None:
   """``None``, or a boolean ``(size,)`` array (True marks a real example)."""
   if mask is None:
     return None
-  shape, dtype = np.shape(mask), jnp.result_type(mask)
+  shape = np.shape(mask)
+  # A list of booleans has no dtype for jnp.result_type: NumPy reads it.
+  dtype = mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype
   if shape != (size,):
     raise ValueError(f"{name} must have shape ({size},), one entry per example; got {shape}.")
   if dtype != jnp.bool_:

@@ -202,17 +202,25 @@ def _rows_norm(p, nb, mask, *leaves):
   acc = accumulation_dtype(leaves)
   shape = leaves[0].shape[:nb] if leaves else ()
   info, itype = _layout(acc)
-  mags = [jnp.abs(v.astype(acc)) for v in leaves]
-  bits = [lax.bitcast_convert_type(m, itype) for m in mags]
+
+  # Built where they are used: values a `lax.cond` branch closes over become its
+  # operands, and XLA materialises them (two full copies of the gradients) even when
+  # the branch is not taken.
+  def magnitudes():
+    return [jnp.abs(v.astype(acc)) for v in leaves]
+
+  def bit_patterns(mags):
+    return [lax.bitcast_convert_type(m, itype) for m in mags]
+
   if p == math.inf:
     # A maximum never overflows. Bit patterns order like the magnitudes and keep the
     # subnormal entries that a float max (and any arithmetic on them) would flush.
-    top_bits = _rows(bits, nb, jnp.max, shape, itype)
+    top_bits = _rows(bit_patterns(magnitudes()), nb, jnp.max, shape, itype)
     top = lax.bitcast_convert_type(top_bits, acc)
     subnormal = _subnormal_parts(top)[0]
     exponent = jnp.where(subnormal, _exponent_of(top_bits, acc), 0)
     return _moderate(exponent, jnp.where(subnormal, scale_exact(top, -exponent), top))
-  total = _rows([power(m, p) for m in mags], nb, jnp.sum, shape, acc)
+  total = _rows([power(m, p) for m in magnitudes()], nb, jnp.sum, shape, acc)
   n = sum(math.prod(v.shape[nb:]) for v in leaves)
   # Terms below the smallest normal are flushed to zero; past this total, all of
   # them together (fewer than n) change it by less than half an ulp.
@@ -221,10 +229,12 @@ def _rows_norm(p, nb, mask, *leaves):
   trusted = jnp.isnan(total) | ((total >= threshold) & (total < jnp.inf))
   if mask is not None:
     trusted = trusted | ~mask
-  plain = (jnp.zeros(shape, jnp.int32), root(total, p))
+  # zeros_like: under an explicit mesh the exponent must be sharded like the total.
+  plain = (jnp.zeros_like(total, jnp.int32), root(total, p))
 
   def scaled():
-    top_bits = _rows(bits, nb, jnp.max, shape, itype)
+    mags = magnitudes()
+    top_bits = _rows(bit_patterns(mags), nb, jnp.max, shape, itype)
     finite = top_bits < lax.bitcast_convert_type(jnp.asarray(jnp.inf, acc), itype)
     exponent = jnp.where(finite, _exponent_of(jnp.clip(top_bits, 0, None), acc), 0)
     # Each |v_j| · 2^-exponent lies in [0, 1), the largest one in [0.5, 1).
@@ -354,7 +364,7 @@ def clip_weights(
     # A tiny norm is dominated by γ: only large norms need the scaled form,
     # C / (unit + γ·2^-exponent), applied to v·2^-exponent.
     scaled = extreme & (n.exponent > 0)
-    gamma_scaled = scale_exact(jnp.broadcast_to(gamma, n.unit.shape), -n.exponent)
+    gamma_scaled = scale_exact(jnp.full_like(n.unit, gamma), -n.exponent)
     factor = c / jnp.where(scaled, n.unit + gamma_scaled, norm + gamma)
   else:  # normalize
     positive = n.unit > 0

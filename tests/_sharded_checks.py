@@ -49,6 +49,9 @@ _ALSO_WITHOUT_CONTEXT = {
   "per_example_clip_batch_sharded",
   "dp_aggregate_batch_sharded",
   "adaptive_dp_aggregate_batch_sharded",
+  "per_example_clip_masked_group_wise",
+  "dp_aggregate_masked_group_wise",
+  "microbatch_batch_sharded",
 }
 _COLLECTIVE = re.compile(
   r"=\s*(\S.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
@@ -272,26 +275,36 @@ _GRADS = {
   "b": _rng.normal(size=(32, 10)).astype(np.float32),
 }
 _GRAD_SPECS = {"w": P("b"), "b": P("b")}
+# A NaN example (zeroed, reported inf) and a mask (padding from index 28 on).
+_BAD_GRADS = {"w": _GRADS["w"].copy(), "b": _GRADS["b"]}
+_BAD_GRADS["w"][5, 0, 0] = np.nan
+_MASK = np.arange(32) < 28
+_GROUPS = {"w": 1.0, "b": 0.5}
 
 
-def _privacy_check(name, fn, keeps_sharding=False):
+def _privacy_check(name, fn, keeps_sharding=False, data=(_GRADS,), specs=(_GRAD_SPECS,)):
   # The only large collective allowed is the partitioner's sum over the batch:
   # one example's worth of values, never the per-example gradients.
   body = _sharded_check(
     fn,
-    (_GRADS,),
+    data,
     (DEVICES,),
     ("b",),
-    (_GRAD_SPECS,),
+    specs,
     max_reduce=_GRADS["w"][0].size,
     keeps_sharding_of=0 if keeps_sharding else None,
   )
   _register(name, body)
 
 
+def _masked_check(name, fn, keeps_sharding=False):
+  """``fn(grads, mask)`` on the gradients with a NaN example, and a mask sharded alike."""
+  _privacy_check(name, fn, keeps_sharding, (_BAD_GRADS, _MASK), (_GRAD_SPECS, P("b")))
+
+
 def _aggregate(tx):
-  def apply(grads):
-    updates, state = tx.update(grads, tx.init(None))
+  def apply(grads, mask=None):
+    updates, state = tx.update(grads, tx.init(None), mask=mask)
     return updates, getattr(state, "clip_norm", ())
 
   return apply
@@ -309,6 +322,72 @@ _privacy_check(
 _privacy_check(
   "adaptive_dp_aggregate_batch_sharded",
   _aggregate(clipjax.adaptive_dp_aggregate(1.0, 0.7, jax.random.key(0))),
+)
+_masked_check(
+  "per_example_clip_masked_group_wise",
+  lambda g, m: clipjax.per_example_clip(g, _GROUPS, scaling="automatic", mask=m)[0],
+  True,
+)
+_masked_check(
+  "dp_aggregate_masked_group_wise",
+  _aggregate(
+    clipjax.dp_aggregate(
+      _GROUPS, 0.8, jax.random.key(1), pre_clip_noise=0.3, expected_batch_size=30
+    )
+  ),
+)
+_masked_check(
+  "adaptive_dp_aggregate_masked_group_wise",
+  _aggregate(
+    clipjax.adaptive_dp_aggregate(_GROUPS, 0.7, jax.random.key(2), expected_batch_size=30)
+  ),
+)
+_masked_check("clipping_stats_masked", lambda g, m: clipjax.clipping_stats(g, 1.0, mask=m))
+_masked_check(
+  "clipping_stats_group_wise", lambda g, m: clipjax.clipping_stats(g, _GROUPS, p=1, mask=m)
+)
+
+
+def _adaptive_noise(summed, norms, mask):
+  tx = clipjax.adaptive_dp_noise(_GROUPS, 0.7, 30, jax.random.key(3))
+  updates, state = tx.update(summed, tx.init(None), norms=norms, mask=mask)
+  return updates, state.clip_norm
+
+
+_privacy_check(
+  "adaptive_dp_noise_norms_sharded",
+  _adaptive_noise,
+  data=(
+    {"w": _GRADS["w"][0], "b": _GRADS["b"][0]},
+    {"w": _GRADS["b"][:, 0], "b": _GRADS["b"][:, 1]},
+    _MASK,
+  ),
+  specs=({"w": P(), "b": P()}, {"w": P("b"), "b": P("b")}, P("b")),
+)
+
+
+def _microbatched(params, x, y, mask):
+  """Clipped sums of a linear model over two micro-batches of the sharded batch."""
+
+  def grad_fn(params, x, y, mask=None):
+    loss = lambda p, x, y: -jax.nn.log_softmax(x @ p["w"] + p["b"])[y]
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    clipped, norms = clipjax.per_example_clip(grads, 1.0, mask=mask)
+    return jax.tree.map(lambda g: g.sum(0), clipped), norms
+
+  return clipjax.microbatch(grad_fn, 2)(params, x, y, mask=mask)
+
+
+_privacy_check(
+  "microbatch_batch_sharded",
+  _microbatched,
+  data=(
+    {"w": _rng.normal(size=(24, 10)).astype(np.float32), "b": np.zeros(10, np.float32)},
+    _rng.normal(size=(32, 24)).astype(np.float32),
+    _rng.integers(0, 10, 32).astype(np.int32),
+    _MASK,
+  ),
+  specs=({"w": P(), "b": P()}, P("b"), P("b"), P("b")),
 )
 # Not ours, for comparison: optax 0.2.8's per-example clipping contracts the
 # sharded batch axis with a plain dot, which explicit sharding rejects

@@ -1,11 +1,17 @@
 """The privacy noise of every mechanism, measured: its standard deviation to 1%.
 
 Each case draws at least 10^6 noise values and divides them by the scale the
-accountant is told about (``z·C/B`` for the Gaussian sum; ``z_Δ·C/B`` with
-Andrew et al.'s split for adaptive clipping). The pooled values must have mean 0
-and standard deviation 1 within six standard errors (0.4%, well inside 1%).
-Noise multipliers below and above 1 are both checked: an implementation that
+accountant is told about: ``z·Δ/B`` for the Gaussian sum, with ``Δ`` the sensitivity
+of the clip norm (``C``, or ``sqrt(Σ_k C_k²)`` group-wise) and ``B`` the (expected,
+logical) batch size; ``z_Δ·Δ/B`` with Andrew et al.'s split for adaptive clipping,
+``z_Δ = (z^-2 − K·(2σ_b)^-2)^(-1/2)`` over ``K`` group counts. The pooled values must
+have mean 0 and standard deviation 1 within six standard errors (0.4%, well inside
+1%). Noise multipliers below and above 1 are both checked: an implementation that
 multiplies the scale by ``z`` once too often agrees at ``z = 1`` alone.
+
+The first tests build the two plain mechanisms with a Python ``z``, one compilation
+per case, as users do; the others build each mechanism inside ``jax.vmap`` over the
+three multipliers (and three keys), one compilation for all three.
 """
 
 import math
@@ -13,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import clipjax
@@ -21,12 +28,27 @@ DRAWS = 1 << 20  # noise values per case
 MULTIPLIERS = [0.5, 1.0, 3.0]
 
 
-def _assert_standard_normal(x):
+def _assert_standard_normal(x, label=""):
   x = np.asarray(x, np.float64).ravel()
   assert x.size >= 1_000_000
   se = 1 / math.sqrt(2 * (x.size - 1))  # of a sample standard deviation
-  assert abs(x.std() - 1) < 6 * se, f"noise std is {x.std():.4f} of the claimed scale"
-  assert abs(x.mean()) < 6 / math.sqrt(x.size)
+  assert abs(x.std() - 1) < 6 * se, f"{label}: noise std is {x.std():.4f} of the claimed scale"
+  assert abs(x.mean()) < 6 / math.sqrt(x.size), f"{label}: noise mean {x.mean():.2e}"
+
+
+def _sum_multiplier(z, count_stddev, groups=1):
+  return (z**-2 - groups * (2 * count_stddev) ** -2) ** -0.5
+
+
+def _over_multipliers(run, *data):
+  """``run(z, key, *data)`` for every z in MULTIPLIERS, vmapped and compiled once.
+
+  The data are arguments, not constants closed over: XLA would constant-fold their
+  norms at compile time.
+  """
+  keys = jax.random.split(jax.random.key(len(MULTIPLIERS)), len(MULTIPLIERS))
+  spec = (0, 0) + (None,) * len(data)
+  return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(MULTIPLIERS, jnp.float32), keys, *data)
 
 
 def _pre_clip_variance(pre_clip_noise, batch, dim, clip_norm):
@@ -38,15 +60,16 @@ def _pre_clip_variance(pre_clip_noise, batch, dim, clip_norm):
   return 0.0 if pre_clip_noise == 0 else batch * clip_norm**2 / dim
 
 
-@pytest.mark.parametrize("pre_clip_noise", [0.0, 1.0])
+# ---------------------------------------------------------------------------- Python z
+
+
 @pytest.mark.parametrize("z", MULTIPLIERS)
-def test_dp_aggregate(z, pre_clip_noise):
+def test_dp_aggregate(z):
   batch, clip_norm = 4, 0.7
   grads = jnp.zeros((batch, DRAWS), jnp.float32)
-  tx = clipjax.dp_aggregate(clip_norm, z, key=jax.random.key(1), pre_clip_noise=pre_clip_noise)
+  tx = clipjax.dp_aggregate(clip_norm, z, key=jax.random.key(1))
   out, _ = jax.jit(tx.update)(grads, tx.init(None))
-  var = (z * clip_norm) ** 2 + _pre_clip_variance(pre_clip_noise, batch, DRAWS, clip_norm)
-  _assert_standard_normal(np.asarray(out, np.float64) * batch / math.sqrt(var))
+  _assert_standard_normal(np.asarray(out, np.float64) * batch / (z * clip_norm))
 
 
 @pytest.mark.parametrize("z", MULTIPLIERS)
@@ -58,43 +81,214 @@ def test_dp_noise(z):
   _assert_standard_normal((np.asarray(out, np.float64) * batch - 2.0) / (z * clip_norm))
 
 
-def _sum_multiplier(z, count_stddev):
-  return (z**-2 - (2 * count_stddev) ** -2) ** -0.5
+# ---------------------------------------------------------------------------- vmapped z
+
+
+def test_dp_aggregate_pre_clip_noise():
+  batch, clip_norm, pre_clip_noise = 4, 0.7, 1.0
+
+  def run(z, key, grads):
+    tx = clipjax.dp_aggregate(clip_norm, z, key, pre_clip_noise=pre_clip_noise)
+    return tx.update(grads, tx.init(None))[0]
+
+  outs = _over_multipliers(run, jnp.zeros((batch, DRAWS), jnp.float32))
+  for i, z in enumerate(MULTIPLIERS):
+    var = (z * clip_norm) ** 2 + _pre_clip_variance(pre_clip_noise, batch, DRAWS, clip_norm)
+    _assert_standard_normal(np.asarray(outs[i], np.float64) * batch / math.sqrt(var), f"z={z}")
 
 
 @pytest.mark.parametrize("pre_clip_noise", [0.0, 1.0])
-@pytest.mark.parametrize("z", MULTIPLIERS)
-def test_adaptive_dp_aggregate_default_split(z, pre_clip_noise):
-  # Batch 256 with the default count noise B/20 = 12.8, as in the report of the
-  # z·z_Δ bug. The clip norm moves after every step, so each step's values are
-  # divided by the clip norm that step used (the state's before the update).
-  batch, dim, steps, clip_norm = 256, DRAWS // 16, 16, 0.5
-  tx = clipjax.adaptive_dp_aggregate(
-    clip_norm, z, key=jax.random.key(3), pre_clip_noise=pre_clip_noise, clip_learning_rate=0.2
-  )
-  grads = jnp.zeros((batch, dim), jnp.float32)
+def test_adaptive_dp_aggregate_default_split(pre_clip_noise):
+  # The default count noise B/20 = 1.6 on a physical batch of 32: z_Δ = 8.6 at z = 3.
+  # The clip norm moves after every step, so each step's values are divided by the
+  # clip norm that step used (the state's before the update).
+  batch, dim, steps, clip_norm = 32, DRAWS // 16, 16, 0.5
 
-  def step(state, _):
-    out, new_state = tx.update(grads, state)
-    return new_state, (out, state.clip_norm)
+  def run(z, key, grads):
+    tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key, pre_clip_noise=pre_clip_noise)
 
-  _, (outs, used) = jax.jit(lambda s: jax.lax.scan(step, s, None, length=steps))(tx.init(None))
-  used = np.asarray(used, np.float64)
-  # All zero gradients fit (without pre-clip noise): the clip norm really moved.
-  assert used[-1] < 0.9 * used[0] or pre_clip_noise
-  z_sum = _sum_multiplier(z, batch / 20)
-  var = (z_sum * used) ** 2 + _pre_clip_variance(pre_clip_noise, batch, dim, used)
-  _assert_standard_normal(np.asarray(outs, np.float64) * batch / np.sqrt(var)[:, None])
+    def step(state, _):
+      out, new_state = tx.update(grads, state)
+      return new_state, (out, state.clip_norm)
+
+    return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+
+  outs, used = _over_multipliers(run, jnp.zeros((batch, dim), jnp.float32))
+  for i, z in enumerate(MULTIPLIERS):
+    c = np.asarray(used[i], np.float64)
+    # All zero gradients fit (without pre-clip noise): the clip norm really moved.
+    assert c[-1] < 0.9 * c[0] or pre_clip_noise
+    var = (_sum_multiplier(z, batch / 20) * c) ** 2 + _pre_clip_variance(
+      pre_clip_noise, batch, dim, c
+    )
+    x = np.asarray(outs[i], np.float64) * batch / np.sqrt(var)[:, None]
+    _assert_standard_normal(x, f"z={z}")
 
 
-@pytest.mark.parametrize("z", MULTIPLIERS)
-def test_adaptive_dp_aggregate_explicit_count_noise(z):
+def test_adaptive_dp_aggregate_explicit_count_noise():
   batch, clip_norm, count_stddev = 4, 2.0, 2.0
-  grads = jnp.zeros((batch, DRAWS), jnp.float32)
-  tx = clipjax.adaptive_dp_aggregate(
-    clip_norm, z, key=jax.random.key(4), count_noise_stddev=count_stddev
-  )
-  out, state = jax.jit(tx.update)(grads, tx.init(None))
-  assert float(state.clip_norm) != clip_norm  # the next step's clip norm moved
-  z_sum = _sum_multiplier(z, count_stddev)
-  _assert_standard_normal(np.asarray(out, np.float64) * batch / (z_sum * clip_norm))
+
+  def run(z, key, grads):
+    tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key, count_noise_stddev=count_stddev)
+    out, state = tx.update(grads, tx.init(None))
+    return out, state.clip_norm
+
+  outs, new = _over_multipliers(run, jnp.zeros((batch, DRAWS), jnp.float32))
+  for i, z in enumerate(MULTIPLIERS):
+    assert float(new[i]) != clip_norm  # the next step's clip norm moved
+    x = np.asarray(outs[i], np.float64) * batch / (_sum_multiplier(z, count_stddev) * clip_norm)
+    _assert_standard_normal(x, f"z={z}")
+
+
+def test_dp_aggregate_group_wise_masked_expected_batch_size():
+  # Sensitivity sqrt(0.3² + 0.4²) = 0.5, divided by the expected batch size 2.5, not
+  # by the 4 padded or 3 real examples; automatic clipping of zeros adds nothing.
+  grads = {
+    "a": jnp.zeros((4, DRAWS // 2), jnp.float32),
+    "b": jnp.zeros((4, DRAWS // 2), jnp.float32),
+  }
+  mask = jnp.array([True, True, False, True])
+
+  def run(z, key, grads, mask):
+    tx = clipjax.dp_aggregate(
+      {"a": 0.3, "b": 0.4}, z, key, scaling="automatic", expected_batch_size=2.5
+    )
+    return tx.update(grads, tx.init(None), mask=mask)[0]
+
+  outs = _over_multipliers(run, grads, mask)
+  for i, z in enumerate(MULTIPLIERS):
+    x = np.concatenate([np.asarray(outs["a"][i]), np.asarray(outs["b"][i])])
+    _assert_standard_normal(x * 2.5 / (z * 0.5), f"z={z}")
+
+
+def test_dp_noise_group_wise():
+  clip_norm = {"conv": 1.2, "dense": {"w": 0.4, "b": 0.3}}  # sensitivity 1.3
+  summed = {
+    "conv": jnp.ones(DRAWS // 2),
+    "dense": {"w": jnp.ones(DRAWS // 4), "b": jnp.ones(DRAWS // 4)},
+  }
+
+  def run(z, key, summed):
+    tx = clipjax.dp_noise(clip_norm, z, 8.0, key)
+    return tx.update(summed, tx.init(None))[0]
+
+  outs = _over_multipliers(run, summed)
+  for i, z in enumerate(MULTIPLIERS):
+    x = np.concatenate([np.asarray(v[i], np.float64) for v in jax.tree.leaves(outs)])
+    _assert_standard_normal((x * 8.0 - 1.0) / (z * 1.3), f"z={z}")
+
+
+def test_adaptive_dp_aggregate_group_wise_masked_expected_batch_size():
+  # The scale of the bug report: expected batch 256 with the default σ_b = 256/20, here
+  # on a padded physical batch of 4 with two groups (K = 2).
+  steps, dim = 8, DRAWS // 16
+  grads = {"a": jnp.zeros((4, dim), jnp.float32), "b": jnp.zeros((4, dim), jnp.float32)}
+  mask = jnp.array([True, False, True, True])
+
+  def run(z, key, grads, mask):
+    tx = clipjax.adaptive_dp_aggregate(
+      {"a": 0.5, "b": 1.2},
+      z,
+      key,
+      expected_batch_size=256.0,
+      clip_learning_rate=0.5,
+      target_quantile=0.0,  # three real examples barely move a count over 256
+    )
+
+    def step(state, _):
+      out, new_state = tx.update(grads, state, mask=mask)
+      return new_state, (out, state.clip_norm)
+
+    return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+
+  outs, used = _over_multipliers(run, grads, mask)
+  for i, z in enumerate(MULTIPLIERS):
+    sens = np.hypot(np.asarray(used["a"][i], np.float64), np.asarray(used["b"][i], np.float64))
+    assert sens[-1] < 0.9 * sens[0]  # the clip norms moved
+    scale = _sum_multiplier(z, 256 / 20, groups=2) * sens[:, None] / 256
+    x = np.concatenate([np.asarray(outs["a"][i]) / scale, np.asarray(outs["b"][i]) / scale])
+    _assert_standard_normal(x, f"z={z}")
+
+
+def test_adaptive_dp_noise_group_wise():
+  # Four groups, batch 256 with the default σ_b: z_Δ = (z^-2 − 4·(25.6)^-2)^(-1/2). The
+  # norms make every group shrink its clip norm; each step's values are divided by the
+  # sensitivity of the clip norms that step used.
+  steps, batch = 16, 256
+  groups = {k: 0.5 + 0.25 * i for i, k in enumerate("abcd")}
+  summed = {k: jnp.zeros(DRAWS // (4 * steps), jnp.float32) for k in groups}
+  norms = {k: jnp.zeros(batch) for k in groups}
+
+  def run(z, key, summed, norms):
+    tx = clipjax.adaptive_dp_noise(groups, z, batch, key)
+
+    def step(state, _):
+      out, new_state = tx.update(summed, state, norms=norms)
+      return new_state, (out, state.clip_norm)
+
+    return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+
+  outs, used = _over_multipliers(run, summed, norms)
+  for i, z in enumerate(MULTIPLIERS):
+    sens = np.sqrt(sum(np.asarray(used[k][i], np.float64) ** 2 for k in groups))
+    assert sens[-1] < 0.5 * sens[0]
+    scale = _sum_multiplier(z, batch / 20, groups=4) * sens[:, None] / batch
+    _assert_standard_normal(np.concatenate([outs[k][i] / scale for k in groups]), f"z={z}")
+
+
+def test_adaptive_dp_noise_uses_the_clip_norm_it_was_given():
+  # One step moving the clip norm by exp(-0.5) (39%): the noise has the scale of the
+  # clip norm the sum was clipped with, and is told apart from that of the next one.
+  batch, clip_norm = 64, 2.0
+
+  def run(z, key, summed, norms):
+    tx = clipjax.adaptive_dp_noise(clip_norm, z, batch, key, clip_learning_rate=1.0)
+    out, state = tx.update(summed, tx.init(None), norms=norms)
+    return out, state.clip_norm
+
+  outs, new = _over_multipliers(run, jnp.zeros(DRAWS, jnp.float32), jnp.zeros(batch))
+  for i, z in enumerate(MULTIPLIERS):
+    assert float(new[i]) < 0.9 * clip_norm
+    x = np.asarray(outs[i], np.float64) * batch / _sum_multiplier(z, batch / 20)
+    _assert_standard_normal(x / clip_norm, f"z={z}")
+    assert abs(np.std(x / float(new[i])) - 1) > 0.1
+
+
+def test_accumulate_adds_the_noise_of_one_logical_batch():
+  # Four physical batches, one logical batch of 64: one draw of z·C, divided by 64.
+  k, logical, clip_norm = 4, 64.0, 1.5
+  params = jnp.zeros(DRAWS, jnp.float32)
+
+  def run(z, key, params):
+    tx = clipjax.accumulate(clipjax.dp_noise(clip_norm, z, logical, key), k)
+    state, outs = tx.init(params), []
+    for i in range(k):
+      out, state = tx.update(params + i, state, params)
+      outs.append(out)
+    return jnp.stack(outs)
+
+  outs = np.asarray(_over_multipliers(run, params), np.float64)
+  for i, z in enumerate(MULTIPLIERS):
+    assert np.all(outs[i, :-1] == 0)
+    _assert_standard_normal((outs[i, -1] * logical - 6.0) / (z * clip_norm), f"z={z}")
+
+
+def test_accumulate_adaptive_group_wise():
+  k, logical, physical = 2, 80.0, 40
+  groups = {"a": 1.0, "b": 2.0}
+  params = {"a": jnp.zeros(DRAWS // 2, jnp.float32), "b": jnp.zeros(DRAWS // 2, jnp.float32)}
+  like = {"norms": {g: jnp.zeros(physical) for g in groups}, "mask": jnp.ones(physical, bool)}
+
+  def run(z, key, params, like):
+    tx = clipjax.accumulate(clipjax.adaptive_dp_noise(groups, z, logical, key), k, per_example=like)
+    state = tx.init(params)
+    for _ in range(k):
+      out, state = tx.update(params, state, params, **like)
+    return out, optax.tree_utils.tree_get(state, "clip_norm")
+
+  outs, new = _over_multipliers(run, params, like)
+  for i, z in enumerate(MULTIPLIERS):
+    assert float(new["a"][i]) < 0.95  # all norms 0 fit: the clip norms shrank
+    scale = _sum_multiplier(z, logical / 20, groups=2) * math.sqrt(5.0) / logical
+    x = np.concatenate([np.asarray(outs[g][i], np.float64) for g in groups]) / scale
+    _assert_standard_normal(x, f"z={z}")

@@ -27,7 +27,7 @@ _KNOWN_FAILURES = {
   # Not ours: optax 0.2.8 contracts the sharded batch axis with a plain dot,
   # which explicit sharding rejects ("Contracting dimensions are sharded and
   # it is ambiguous how the output should be sharded"). clipjax passes an
-  # out_sharding there (privacy._sum_sharding).
+  # out_sharding there (_norms._sum_sharding).
   "optax_per_example_global_norm_clip[explicit]": (
     "optax per_example_global_norm_clip under Explicit axes"
   ),
