@@ -15,6 +15,7 @@ AREAS = {
   "optax transformations": ["clipjax.clipping_aware_normalize", "clipjax.clip_by_norm"],
   "Exact projection for PGD": ["clipjax.project_ball_box"],
   "Private SGD": [
+    "clipjax.PoissonSampler",
     "clipjax.clipped_grad",
     "clipjax.dp_noise",
     "clipjax.calibrate_noise",

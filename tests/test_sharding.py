@@ -34,28 +34,46 @@ _KNOWN_FAILURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def results():
-  env = dict(
-    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={_sharded_checks.DEVICES}"
-  )
-  env.pop("JAX_ENABLE_X64", None)  # float32, as most sharded training runs
-  proc = subprocess.run(
-    [sys.executable, _SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout)
+# The checks run in two subprocesses, each on its own xdist worker (``--dist loadgroup``
+# in pyproject.toml keeps a group on one worker): they are compile-bound, so halves take
+# half the time, and no worker runs a check twice.
+_GROUPS = 2
+_RESULTS = {}
 
 
-@pytest.mark.parametrize(
-  "check_id",
-  [
-    pytest.param(c, marks=pytest.mark.xfail(reason=_KNOWN_FAILURES[c], strict=True))
-    if c in _KNOWN_FAILURES
-    else c
-    for c in _sharded_checks.CHECKS
-  ],
-)
-def test_sharded(results, check_id):
-  result = results[check_id]
+def _group(check_id):
+  return list(_sharded_checks.CHECKS).index(check_id) % _GROUPS
+
+
+def _results(group):
+  """Runs the group's checks once per process; returns check id -> result."""
+  if group not in _RESULTS:
+    ids = [c for c in _sharded_checks.CHECKS if _group(c) == group]
+    env = dict(
+      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={_sharded_checks.DEVICES}"
+    )
+    env.pop("JAX_ENABLE_X64", None)  # float32, as most sharded training runs
+    proc = subprocess.run(
+      [sys.executable, _SCRIPT, *ids],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _RESULTS[group] = json.loads(proc.stdout)
+  return _RESULTS[group]
+
+
+def _param(check_id):
+  marks = [pytest.mark.xdist_group(f"sharding-{_group(check_id)}")]
+  if check_id in _KNOWN_FAILURES:
+    marks.append(pytest.mark.xfail(reason=_KNOWN_FAILURES[check_id], strict=True))
+  return pytest.param(check_id, marks=marks)
+
+
+@pytest.mark.parametrize("check_id", [_param(c) for c in _sharded_checks.CHECKS])
+def test_sharded(check_id):
+  result = _results(_group(check_id))[check_id]
   assert result["ok"], result["detail"]
