@@ -229,7 +229,7 @@ def _rows_norm(p, nb, mask, *leaves):
   trusted = jnp.isnan(total) | ((total >= threshold) & (total < jnp.inf))
   if mask is not None:
     trusted = trusted | ~mask
-  plain = (jnp.zeros(shape, jnp.int32), _root(total, p))
+  plain = (jnp.zeros_like(total, jnp.int32), _root(total, p))
 
   def scaled():
     top_bits = _rows(bits, nb, jnp.max, shape, itype)
