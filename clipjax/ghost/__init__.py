@@ -77,6 +77,41 @@ def _backward_pass(closed, uses, in_pass, leaves, batch_leaves):
   return dict(zip(paths, tap_grads)), dict(zip(paths, records)), pass_grads, outs
 
 
+# Per-example gradients up to this size are packed into one array per dtype.
+_SMALL = 1 << 14
+
+
+def _pack(grads: dict) -> tuple[list, Callable]:
+  """Per-example gradients as a list in which the small ones (biases, normalization
+  scales) sit side by side in one ``(batch, n)`` array per dtype, and the function that
+  maps sums of that list back to a dict.
+
+  There are many of them and each is tiny; one array makes one kernel of every norm
+  and sum instead of dozens (and compiles in a fraction of the time). Large leaves stay
+  apart: concatenating them would copy them.
+  """
+  large = [k for k, g in grads.items() if g[0].size > _SMALL]
+  small = {}
+  for k, g in grads.items():
+    if g[0].size <= _SMALL:
+      small.setdefault(jnp.dtype(g.dtype), []).append(k)
+  packed = [grads[k] for k in large]
+  packed += [
+    jnp.concatenate([grads[k].reshape(len(grads[k]), -1) for k in keys], 1)
+    for keys in small.values()
+  ]
+
+  def unpack(sums: list) -> dict:
+    out = dict(zip(large, sums))
+    for keys, total in zip(small.values(), sums[len(large) :]):
+      offsets = np.cumsum([0] + [grads[k][0].size for k in keys])
+      for k, start, stop in zip(keys, offsets[:-1], offsets[1:]):
+        out[k] = total[start:stop].reshape(grads[k].shape[1:])
+    return out
+
+  return packed, unpack
+
+
 def _settled(w: _norms.Weights) -> tuple[_norms.Weights, jax.Array]:
   """The same weights, computed once, and whether all are kept and unshifted.
 
@@ -134,11 +169,12 @@ def _clipped_grad_impl(loss_fn, has_aux, scaling, params, clip_norm, stability, 
     norms = _norms.Norms(jnp.zeros_like(sq[j], jnp.int32), jnp.sqrt(sq[j]))
     counted = {k: g for k, g in explicit[j].items() if not (k in parts and parts[k].explicit_in_sq)}
     if counted:
-      norms = _norms.combine([norms, _norms.norms(counted, 2.0, 1, mask)], 2.0)
+      norms = _norms.combine([norms, _norms.norms(_pack(counted)[0], 2.0, 1, mask)], 2.0)
     w = _norms.clip_weights(norms, c, scaling=scaling, stability=stability, mask=mask)
     w, plain = _settled(w)
     reported.append(_norms.reported(norms, mask))
-    for k, total in _norms.weighted_sum(explicit[j], w).items():
+    packed, unpack = _pack(explicit[j])
+    for k, total in unpack(_norms.weighted_sum(packed, w)).items():
       clipped[k] = total.astype(leaves[k].dtype)
     for k, part in parts.items():
       if group_of[k] == j and part.ghost:
@@ -148,6 +184,33 @@ def _clipped_grad_impl(loss_fn, has_aux, scaling, params, clip_norm, stability, 
   if has_aux:
     return result, jax.tree.unflatten(out_treedef, outs)[1]
   return result
+
+
+def _plan(loss_fn, params, *batch) -> dict[str, Any]:
+  """How :func:`clipped_grad` takes every leaf's per-example gradient, by leaf path.
+
+  ``"pass"``: in the batched backward pass (no rule recognises all its uses, or the
+  rule forms it there); a tuple with ``"ghost"`` or ``"explicit"`` per recognised use;
+  ``"unused"`` for a leaf the loss does not depend on. Nothing is computed: shapes only.
+  """
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  leaves, treedef = jax.tree.flatten(params)
+  batch_leaves, batch_treedef = jax.tree.flatten(batch)
+  closed, _ = _trace(loss_fn, leaves, treedef, batch_leaves, batch_treedef)
+  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves))
+  plan = {paths[k]: "pass" for k in in_pass}
+
+  def run(leaves, batch_leaves):
+    cotangents, records, _, _ = _backward_pass(closed, uses, in_pass, leaves, batch_leaves)
+    dtype = _norms.accumulation_dtype(leaves)
+    for k in sorted({u.leaf for u in uses}):
+      leaf_uses = [u for u in uses if u.leaf == k]
+      part = _leaves.norm_parts(leaf_uses, leaves[k], records, cotangents, dtype)
+      ghost = {id(u) for u in part.ghost}
+      plan[paths[k]] = tuple("ghost" if id(u) in ghost else "explicit" for u in leaf_uses)
+
+  jax.eval_shape(run, leaves, batch_leaves)
+  return {p: plan.get(p, "unused") for p in paths}
 
 
 # Static in the loss function, so grad_fns for several clip norms share one compilation.
@@ -162,9 +225,111 @@ def clipped_grad(
   scaling: str = "clip",
   stability: Any = 0.01,
 ) -> Callable[..., Any]:
-  """Sum of per-example clipped gradients, and the per-example norms.
+  """Sum of per-example clipped gradients, and the per-example norms, at about the cost
+  of one non-private gradient.
 
-  (Docstring to come.)
+  Computes ``Σ_i w_i g_i`` with ``g_i = ∇ loss_fn(params, *example_i)`` and the weight
+  ``w_i`` of example ``i`` given by ``scaling`` from its gradient's L2 norm over the
+  whole ``params`` pytree (or over each group of a group-wise ``clip_norm``): exactly
+  what clipping ``jax.vmap(jax.grad(loss_fn))`` example by example and summing gives,
+  without holding one gradient per example where the model allows.
+
+  The per-example loss is traced to a jaxpr once per input shape, and every place
+  where a parameter (possibly reshaped, transposed, sliced or cast) meets the
+  example's data is matched against a table of rules, also inside ``jax.jit``,
+  ``jax.checkpoint`` and ``lax.scan`` (stacked layers, flax ``nn.scan``):
+
+  ==========================  ===========================================================
+  rule                        recognises
+  ==========================  ===========================================================
+  ``dot_general``             ``@``, ``jnp.einsum``, ``jnp.dot``, flax ``Dense``,
+                              ``DenseGeneral``, attention projections, equinox
+                              ``Linear``; with or without a sequence axis or dot batch
+                              (head) axes
+  ``conv_general_dilated``    1-D, 2-D and 3-D convolutions with any strides, padding,
+                              dilations and feature groups (grouped, depthwise)
+  ``gather``                  embedding lookups: ``table[ids]``, ``jnp.take``, flax
+                              ``Embed``
+  ``mul``, ``add``, ``sub``,  elementwise scales and shifts by a broadcast parameter:
+  ``div``                     biases, LayerNorm, GroupNorm and RMSNorm scales
+  ==========================  ===========================================================
+
+  For the first three, one batched forward and backward pass gives every use's input
+  and output cotangent; the per-example squared norm then comes either from the Gram
+  form (``Σ_{t,s} (x_t·x_s)(g_t·g_s)`` over positions, ``[id_t = id_s] g_t·g_s`` for an
+  embedding: Li et al. 2022) or from the per-example gradient itself computed as one
+  batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022). A leaf
+  used several times (an embedding tied to the output projection, a layer applied
+  twice, a layer shared by a scan's iterations) gets the norm of the sum over its uses,
+  cross terms included. The clipped sum is each use's own VJP (one contraction,
+  convolution transpose or scatter-add) of the clip-weighted output cotangents: no
+  second backward pass. Elementwise parameters, and every leaf used in a way no rule
+  recognises (inside ``cond``, ``while``, ``custom_jvp`` or ``custom_vjp`` calls,
+  transformed before use, ...), get their per-example gradient from the same batched
+  backward pass, as ``vmap(grad)`` would: exact, at that leaf's share of the
+  per-example cost.
+
+  Examples whose gradient is not finite contribute nothing (they are zeroed without
+  multiplying NaN by zero) and report an infinite norm; examples masked out contribute
+  nothing and report 0, whatever their data (padding may even produce NaN). Norms are
+  accumulated in at least float32; the clipped sum has the parameters' dtype.
+  ``grad_fn`` is compiled with ``loss_fn`` as a static argument: reuse the same
+  ``loss_fn`` object to reuse the compilation (clip norms may change freely).
+
+  Args:
+    loss_fn: ``loss_fn(params, *example) -> loss`` (or ``(loss, aux)`` with ``has_aux``),
+      the scalar loss of ONE example.
+    clip_norm: ``C >= 0``, a scalar (Python or JAX, may be traced); or a pytree prefix
+      of ``params`` with one scalar per group (each layer, say), each group of each
+      example then scaled by its own ``C_k`` (the sum's sensitivity is
+      ``sqrt(Σ_k C_k²)``).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    scaling: the weight of an example (of a group) with norm ``‖g‖``: ``"clip"``,
+      ``min(1, C/‖g‖)`` (Abadi et al. 2016); ``"automatic"``, ``C/(‖g‖ + stability)``
+      (Bu et al. 2023); ``"normalize"``, ``C/‖g‖`` (zero gradients stay zero). Each
+      bounds every example's contribution by ``C``.
+    stability: the ``γ > 0`` of ``"automatic"``.
+
+  Returns:
+    ``grad_fn(params, *batch, mask=None)``, where every leaf of every batch argument
+    has a leading batch axis and ``mask`` (optional) is a boolean ``(batch,)`` array,
+    True for real examples. It returns ``(clipped_sum, norms)``: a pytree like
+    ``params``, and the unclipped per-example norms, a ``(batch,)`` array (a pytree like
+    ``clip_norm`` of such arrays for group-wise clipping). With ``has_aux`` it returns
+    ``((clipped_sum, norms), aux)``, every example's aux stacked on a leading axis.
+
+  Raises:
+    ValueError: eagerly, naming the argument: a negative or NaN clip norm, a
+      ``clip_norm`` that is no prefix of ``params``, an unknown ``scaling``, a
+      non-positive ``stability``, a mask of the wrong shape or dtype, batch arguments
+      without a common leading axis, a loss that is not a scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, clipjax
+    >>> def loss(w, x, y):
+    ...   return 0.5 * jnp.sum((x @ w - y) ** 2)
+    >>> w = jnp.ones((3, 1))
+    >>> x = jnp.array([[1., 0., 0.], [0., 3., 0.]]); y = jnp.zeros((2, 1))
+    >>> total, norms = clipjax.clipped_grad(loss, 1.0)(w, x, y)
+    >>> print(norms)
+    [1. 9.]
+    >>> print(total.ravel())
+    [1. 1. 0.]
+    >>> total, norms = clipjax.clipped_grad(loss, 1.0)(w, x, y, mask=jnp.array([True, False]))
+    >>> print(norms, total.ravel())
+    [1. 0.] [1. 0. 0.]
+
+  References:
+    Goodfellow, "Efficient Per-Example Gradient Computations", arXiv 1510.01799, 2015.
+
+    Li, Tramèr, Liang & Hashimoto, "Large Language Models Can Be Strong Differentially
+    Private Learners", ICLR 2022 (ghost clipping).
+
+    Bu, Mao & Xu, "Scalable and Efficient Training of Large Convolutional Neural
+    Networks with Differential Privacy", NeurIPS 2022 (mixed ghost norms, book-keeping).
+
+    Bu, Wang, Zha & Karypis, "Automatic Clipping: Differentially Private Deep Learning
+    Made Easier and Stronger", NeurIPS 2023.
   """
   for c in jax.tree.leaves(clip_norm):
     _checks.check_nonnegative("clip_norm", c)

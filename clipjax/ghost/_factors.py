@@ -80,7 +80,9 @@ def _fold(x, scanned, tail):
   shared = [1 + i for i, s in enumerate(scanned) if not s]
   rest = list(range(n + 3, n + 3 + tail))
   x = x.transpose([0, *sliced, n + 1, *shared, n + 2, *rest])
-  return x.reshape(x.shape[0], -1, int(np.prod(x.shape[len(sliced) + 2 : n + 3])), *x.shape[n + 3 :])
+  return x.reshape(
+    x.shape[0], -1, int(np.prod(x.shape[len(sliced) + 2 : n + 3])), *x.shape[n + 3 :]
+  )
 
 
 def of_use(use, records: list, g, size_l: int, dtype) -> Factors:
@@ -132,7 +134,9 @@ def inner(x, x_indexed, y, y_indexed):
     return (x[..., :, None] == y[..., None, :]).astype(jnp.float32)
   if x_indexed:
     # Row ``x[p]`` of a one-hot vector picks entry ``x[p]`` of every dense ``y[q]``.
-    picked = jnp.take_along_axis(y, jnp.broadcast_to(x[:, :, None, :], y.shape[:3] + x.shape[-1:]), axis=3)
+    picked = jnp.take_along_axis(
+      y, jnp.broadcast_to(x[:, :, None, :], y.shape[:3] + x.shape[-1:]), axis=3
+    )
     return picked.swapaxes(2, 3)
   if y_indexed:
     return inner(y, True, x, False).swapaxes(2, 3)

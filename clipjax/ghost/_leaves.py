@@ -107,7 +107,9 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
   if mixed:
     for u, f, g in zip(uses, factors, ghost):
       if g:
-        sq = sq + 2 * _factors.against(f, jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit))
+        sq = sq + 2 * _factors.against(
+          f, jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit)
+        )
     flat = explicit.reshape(explicit.shape[0], -1)
     sq = sq + jnp.sum(flat * flat, axis=1)
   if sq is not None:

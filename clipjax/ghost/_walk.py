@@ -316,7 +316,9 @@ def replay_layout(chain, x):
       x = x.reshape(eqn.outvars[0].aval.shape)
     elif name == "slice":
       strides = p["strides"] or (1,) * x.ndim
-      x = x[tuple(slice(a, b, s) for a, b, s in zip(p["start_indices"], p["limit_indices"], strides))]
+      x = x[
+        tuple(slice(a, b, s) for a, b, s in zip(p["start_indices"], p["limit_indices"], strides))
+      ]
     elif name == "broadcast_in_dim":
       shape = list(p["shape"])
       expanded = [1] * len(shape)
