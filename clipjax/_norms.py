@@ -211,8 +211,8 @@ def _rows_norm(p, nb, mask, *leaves):
   shape = leaves[0].shape[:nb] if leaves else ()
   info, itype = _layout(acc)
   mags = [jnp.abs(v.astype(acc)) for v in leaves]
-  bits = [lax.bitcast_convert_type(m, itype) for m in mags]
   if p == math.inf:
+    bits = [lax.bitcast_convert_type(m, itype) for m in mags]
     # A maximum never overflows. Bit patterns order like the magnitudes and keep the
     # subnormal entries that a float max (and any arithmetic on them) would flush.
     top_bits = _rows(bits, nb, jnp.max, shape, itype)
@@ -232,6 +232,10 @@ def _rows_norm(p, nb, mask, *leaves):
   plain = (jnp.zeros_like(total, jnp.int32), _root(total, p))
 
   def scaled():
+    # Made here: values the branch closed over would be operands of the conditional,
+    # computed (a pass and a copy of every leaf) even where this branch is not taken.
+    mags = [jnp.abs(v.astype(acc)) for v in leaves]
+    bits = [lax.bitcast_convert_type(m, itype) for m in mags]
     top_bits = _rows(bits, nb, jnp.max, shape, itype)
     finite = top_bits < lax.bitcast_convert_type(jnp.asarray(jnp.inf, acc), itype)
     exponent = jnp.where(finite, _exponent_of(jnp.clip(top_bits, 0, None), acc), 0)
