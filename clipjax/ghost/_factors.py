@@ -85,8 +85,8 @@ def _fold(x, scanned, tail):
   )
 
 
-def of_use(use, records: list, g, size_l: int, dtype) -> Factors:
-  """The factors of one use for every example, in ``dtype`` (at least float32)."""
+def of_use(use, records: list, g, size_l: int, dtype=None) -> Factors:
+  """The factors of one use for every example, in ``dtype`` (the records' if None)."""
 
   def one(data, g):
     return use.rule.factors(use.eqn, use.position, data, g)
@@ -97,9 +97,10 @@ def of_use(use, records: list, g, size_l: int, dtype) -> Factors:
   indexed = use.rule.indexed
   a = _fold(a, use.scanned, 0 if indexed else 1)
   b = _fold(b, use.scanned, 1)
-  if not indexed:
-    a = a.astype(dtype)
-  return Factors(a, b.astype(dtype), indexed, size_l)
+  if dtype is not None:
+    a = a if indexed else a.astype(dtype)
+    b = b.astype(dtype)
+  return Factors(a, b, indexed, size_l)
 
 
 def layout(use, leaf_shape) -> np.ndarray:
@@ -165,6 +166,24 @@ def explicit(f: Factors) -> jax.Array:
     return jnp.zeros((f.size_l, b.shape[-1]), b.dtype).at[ids].add(b)
 
   return jax.vmap(jax.vmap(rows))(f.a, f.b)
+
+
+def summed(f: Factors) -> jax.Array:
+  """``(H, L, R)``: ``Σ_i G_i`` over the batch: one contraction over examples and
+  positions (the use's own weight gradient, computed as a matrix product: for a
+  convolution, on its patches), or one scatter-add of rows.
+
+  The larger factor is the right operand, whose contracted axes lead: XLA:CPU then
+  copies (transposes) only the smaller one, not an output projection's cotangent.
+  """
+  acc = jnp.promote_types(f.b.dtype, jnp.float32)
+  if f.indexed:
+    blocks = jnp.arange(f.blocks)[None, :, None]
+    return jnp.zeros((f.blocks, f.size_l, f.size_r), acc).at[blocks, f.a].add(f.b)
+  kw = dict(precision=_HIGHEST, preferred_element_type=acc)
+  if f.a.size <= f.b.size:
+    return jnp.einsum("bhpl,bhpr->hlr", f.a, f.b, **kw)
+  return jnp.einsum("bhpr,bhpl->hrl", f.b, f.a, **kw).swapaxes(1, 2)
 
 
 def against(f: Factors, s) -> jax.Array:

@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from clipjax import _norms
-from clipjax.ghost import _factors, _walk
+from clipjax.ghost import _factors
 
 
 class Leaf(NamedTuple):
@@ -123,41 +123,6 @@ def _masked(x, w: _norms.Weights):
   return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
-def use_sum(use, leaf, data: list, ct):
-  """``Σ_i ∂/∂leaf ⟨ct_i, eqn(view(leaf), data_i)⟩``: the use's VJP over the batch and the
-  iterations of enclosing scans (one contraction, convolution transpose or scatter)."""
-  n = len(use.lengths)
-  sliced = [1 + i for i, s in enumerate(use.scanned) if s]
-  shared = [1 + i for i, s in enumerate(use.scanned) if not s]
-
-  def gather_batch(x):
-    # Scanned-over iterations in front, one per slice; the batch and the shared
-    # iterations merged into one axis that the VJP sums over.
-    x = x.transpose([*sliced, 0, *shared, *range(n + 1, x.ndim)])
-    lead = len(sliced)
-    return x.reshape(*x.shape[:lead], -1, *x.shape[lead + 1 + len(shared) :])
-
-  data = [gather_batch(x) for x in data]
-  ct = gather_batch(ct)
-
-  def one(part, data, ct):
-    def apply(part):
-      operand = _walk.replay(use.chain, part)
-
-      def single(*d):
-        operands = list(d)
-        operands.insert(use.position, operand)
-        return _walk.bind(use.eqn, operands)[0]
-
-      return jax.vmap(single)(*data)
-
-    return jax.vjp(apply, part)[1](ct)[0]
-
-  for _ in sliced:
-    one = jax.vmap(one)
-  return one(leaf, data, ct)
-
-
 def _weighed(x, w: _norms.Weights, plain):
   """``_norms.scale_examples(x, w)``, by one multiplication when ``plain`` (every example
   kept and unshifted), where it agrees."""
@@ -171,13 +136,17 @@ def ghost_sum(leaf_parts: Leaf, leaf, records, cotangents, w: _norms.Weights, pl
   for use in leaf_parts.ghost:
     ct, data = cotangents[use.path], records[use.path]
     # The weight goes on whichever operand is smaller (an output projection's
-    # cotangent is far larger than its input); the other is only masked, so that a
-    # dropped example's NaN never meets a zero weight (NaN · 0 = NaN).
-    if use.rule.linear_in_data and data[0].size < ct.size:
+    # cotangent is far larger than its input; a dense factor is linear in the data);
+    # the other is only masked, so that a dropped example's NaN never meets a zero
+    # weight (NaN · 0 = NaN).
+    if not use.rule.indexed and data[0].size < ct.size:
       data = [_weighed(data[0], w, plain)]
       ct = _masked(ct, w)
     else:
       ct = _weighed(ct, w, plain)
       data = [_masked(x, w) for x in data]
-    total = total + use_sum(use, leaf, data, ct).astype(leaf.dtype)
+    blocks = jax.eval_shape(lambda v, use=use: _factors.to_blocks(use, v), leaf)
+    f = _factors.of_use(use, data, ct, blocks.shape[1])
+    _, back = jax.vjp(lambda v, use=use: _factors.to_blocks(use, v), jnp.zeros_like(leaf))
+    total = total + back(_factors.summed(f).astype(leaf.dtype))[0]
   return total

@@ -42,7 +42,6 @@ class Rule:
   primitives: tuple = ()
   in_pass = False  # the per-example gradient is formed in the batched backward pass
   indexed = False  # ``A`` holds row indices into ``L`` (one-hot vectors)
-  linear_in_data = False  # the output is linear in the data operand too
 
   def match(self, eqn, kinds: list[str]) -> int | None:
     """The operand index of the parameter view, or None if this is not a use.
@@ -86,7 +85,6 @@ class DotGeneral(Rule):
   """
 
   primitives = ("dot_general",)
-  linear_in_data = True
 
   def match(self, eqn, kinds):
     return _view_and_data(kinds)
@@ -160,7 +158,6 @@ class Conv(Rule):
   """
 
   primitives = ("conv_general_dilated",)
-  linear_in_data = True
 
   def match(self, eqn, kinds):
     if kinds == ["data", "view"] and eqn.params["batch_group_count"] == 1:

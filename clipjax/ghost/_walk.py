@@ -293,13 +293,6 @@ def _evaluate_scan(eqn, ins, path, inner, taps, records):
 # ---------------------------------------------------------------------------
 
 
-def replay(chain, value):
-  """Applies the view equations ``chain`` to ``value`` (a leaf, or a slice of one)."""
-  for eqn in chain:
-    value = bind(eqn, [value])[0]
-  return value
-
-
 def replay_layout(chain, x):
   """``chain`` applied to ``x`` as a pure rearrangement (casts skipped), in NumPy for an
   array of leaf element indices or in JAX for values."""
