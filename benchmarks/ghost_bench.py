@@ -9,15 +9,18 @@ variant, the tied-embedding transformer, a depthwise-separable CNN), three candi
 
 Time: all three compiled in one process, then timed interleaved (medians over
 repeats). Memory: each (model, candidate) in a fresh process, which compiles and runs
-the step once, resets the peak resident set size (``/proc/self/clear_refs``) and runs
-it again: ``peak_rss_mb`` is the process's peak during that step (runtime, parameters
-and data included), ``temp_mb`` XLA's temporary buffers for the step. Ratios are
-against ``grad`` of the same model.
+the step once, hands the memory the compiler freed back to the system
+(``malloc_trim``: glibc keeps it otherwise, and a larger program would look larger
+forever), resets the peak resident set size (``/proc/self/clear_refs``) and runs the
+step again: ``peak_rss_mb`` is the process's peak during that step (runtime,
+executable, parameters and data included), ``temp_mb`` XLA's temporary buffers for the
+step. Ratios are against ``grad`` of the same model.
 
 ``python -m benchmarks --only ghost [--quick]`` records the rows; ``python -m
 benchmarks.ghost_bench [--quick]`` prints the table (as Markdown with ``--markdown``).
 """
 
+import ctypes
 import json
 import os
 import re
@@ -69,6 +72,7 @@ def _measure_memory(model, candidate):
   fn = _candidates(loss_fn, len(batch))[candidate]
   compiled = fn.lower(params, *batch).compile()
   jax.block_until_ready(compiled(params, *batch))
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current resident set
   jax.block_until_ready(compiled(params, *batch))

@@ -15,6 +15,7 @@ The package is laid out as the computation runs:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clipjax import _checks, _norms
 from clipjax.ghost import _leaves, _walk
@@ -81,20 +84,21 @@ def _backward_pass(closed, uses, in_pass, leaves, batch_leaves):
 _SMALL = 1 << 14
 
 
-def _pack(grads: dict) -> tuple[list, Callable]:
-  """Per-example gradients as a list in which the small ones (biases, normalization
-  scales) sit side by side in one ``(batch, n)`` array per dtype, and the function that
-  maps sums of that list back to a dict.
+def _pack(grads: dict, packable) -> tuple[list, Callable]:
+  """Per-example gradients as a list in which the small ones among ``packable`` (the
+  leaves taken in the pass: biases, normalization scales) sit side by side in one
+  ``(batch, n)`` array per dtype, and the function that maps sums of that list back.
 
   There are many of them and each is tiny; one array makes one kernel of every norm
   and sum instead of dozens (and compiles in a fraction of the time). Large leaves stay
-  apart: concatenating them would copy them.
+  apart, and so do the explicit gradients of recognised uses, which a parameter-sharded
+  (FSDP) model shards like their leaves: packing them would gather them.
   """
-  large = [k for k, g in grads.items() if g[0].size > _SMALL]
   small = {}
   for k, g in grads.items():
-    if g[0].size <= _SMALL:
+    if k in packable and g[0].size <= _SMALL:
       small.setdefault(jnp.dtype(g.dtype), []).append(k)
+  large = [k for k in grads if not any(k in keys for keys in small.values())]
   packed = [grads[k] for k in large]
   packed += [
     jnp.concatenate([grads[k].reshape(len(grads[k]), -1) for k in keys], 1)
@@ -127,6 +131,30 @@ def _settled(w: _norms.Weights) -> tuple[_norms.Weights, jax.Array]:
 
 
 def _clipped_grad_impl(loss_fn, has_aux, scaling, params, clip_norm, stability, mask, *batch):
+  """``_clipped_grad`` (explicit mesh axes are made automatic inside it)."""
+  body = functools.partial(_clipped_grad, loss_fn, has_aux, scaling)
+  args = (params, clip_norm, stability, mask, *batch)
+  sharding = jax.typeof(jax.tree.leaves(batch)[0]).sharding
+  if jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
+    return body(*args)
+  # Under explicit axes every reshape of a batch-sharded record would need its output
+  # sharding spelled out; inside, the partitioner infers them. Sums come out sharded
+  # like the parameters, per-example results like the batch.
+  mesh, batch_axis = sharding.mesh, sharding.spec[0] if sharding.spec else None
+  per_example = lambda ndim: NamedSharding(mesh, P(batch_axis, *[None] * ndim))
+  clipped = jax.tree.map(lambda leaf: jax.typeof(leaf).sharding, params)
+  norms = jax.tree.map(lambda _: per_example(0), clip_norm)
+  out_sharding = (clipped, norms)
+  if has_aux:
+    leaves, treedef = jax.tree.flatten(params)
+    batch_leaves, batch_treedef = jax.tree.flatten(batch)
+    closed, out_treedef = _trace(loss_fn, leaves, treedef, batch_leaves, batch_treedef)
+    aux = jax.tree.unflatten(out_treedef, [per_example(len(a.shape)) for a in closed.out_avals])
+    out_sharding = (out_sharding, aux[1])
+  return jax.sharding.auto_axes(body, out_sharding=out_sharding)(*args)
+
+
+def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask, *batch):
   leaves, treedef = jax.tree.flatten(params)
   batch_leaves, batch_treedef = jax.tree.flatten(batch)
   size = batch_leaves[0].shape[0]
@@ -169,11 +197,11 @@ def _clipped_grad_impl(loss_fn, has_aux, scaling, params, clip_norm, stability, 
     norms = _norms.Norms(jnp.zeros_like(sq[j], jnp.int32), jnp.sqrt(sq[j]))
     counted = {k: g for k, g in explicit[j].items() if not (k in parts and parts[k].explicit_in_sq)}
     if counted:
-      norms = _norms.combine([norms, _norms.norms(_pack(counted)[0], 2.0, 1, mask)], 2.0)
+      norms = _norms.combine([norms, _norms.norms(_pack(counted, in_pass)[0], 2.0, 1, mask)], 2.0)
     w = _norms.clip_weights(norms, c, scaling=scaling, stability=stability, mask=mask)
     w, plain = _settled(w)
     reported.append(_norms.reported(norms, mask))
-    packed, unpack = _pack(explicit[j])
+    packed, unpack = _pack(explicit[j], in_pass)
     for k, total in unpack(_norms.weighted_sum(packed, w)).items():
       clipped[k] = total.astype(leaves[k].dtype)
     for k, part in parts.items():
