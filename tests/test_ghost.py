@@ -172,3 +172,30 @@ def test_bad_input_is_refused_naming_the_argument():
     grad_fn(params)
   with pytest.raises(ValueError, match="scalar"):
     clipjax.clipped_grad(lambda p, x, y: jnp.stack([_loss(p, x, y)] * 2), 1.0)(params, x, y)
+
+
+def test_gradients_whose_squared_norm_overflows_are_clipped_not_dropped():
+  """Float32 gradients of norm ~1e22 (their squares pass the largest float): every form
+  (Gram, ‖x‖²‖g‖², explicit, in the pass) still measures and clips them."""
+  params = {
+    "gram": _normal(1, (8, 6), F32),  # 2 positions: Gram form
+    "flat": _normal(2, (8, 6), F32),  # one position
+    "long": _normal(3, (2, 3), F32),  # 30 positions of 2 features: explicit
+    "bias": _normal(4, (6,), F32),  # in the pass
+  }
+  x = _normal(5, (6, 2, 8), F32, 1e11)
+  long = _normal(6, (6, 30, 2), F32, 1e11)
+
+  def loss(p, x, long):
+    h = jnp.sum(x @ p["gram"]) + jnp.sum(x[0] @ p["flat"] + p["bias"])
+    return 1e10 * (h + jnp.sum(long @ p["long"]))
+
+  assert plan(loss, params, x, long) == {
+    "['bias']": "pass",
+    "['flat']": ("ghost",),
+    "['gram']": ("ghost",),
+    "['long']": ("explicit",),
+  }
+  total, norms = clipjax.clipped_grad(loss, 1.0)(params, x, long)
+  assert np.all(np.isfinite(norms)) and np.all(np.asarray(norms) > 1e21)
+  check(loss, params, x, long, clip_norms=(1.0, 1e30))

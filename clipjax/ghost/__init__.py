@@ -179,25 +179,29 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
     for k, leaf_uses in by_leaf.items()
   }
 
-  # Per group: one norm from the ghost parts' squared sums and one from the explicit
-  # per-example gradients (those of the leaves in the pass and explicit uses).
+  # Per group: the ghost parts' norms, and one norm of the explicit per-example
+  # gradients (those of the leaves in the pass and of explicit uses).
   explicit = [{} for _ in clip_norms]
   for k, g in zip(in_pass, pass_grads):
     explicit[group_of[k]][k] = g
-  sq = [jnp.zeros((size,), dtype) for _ in clip_norms]
+  terms = [[] for _ in clip_norms]
   for k, part in parts.items():
-    j = group_of[k]
-    if part.sq is not None:
-      sq[j] = sq[j] + part.sq.astype(dtype)
+    terms[group_of[k]] += part.terms
     if part.explicit is not None:
-      explicit[j][k] = part.explicit
+      explicit[group_of[k]][k] = part.explicit
   clipped = [jnp.zeros_like(leaf) for leaf in leaves]
   reported = []
   for j, c in enumerate(clip_norms):
-    norms = _norms.Norms(jnp.zeros_like(sq[j], jnp.int32), jnp.sqrt(sq[j]))
-    counted = {k: g for k, g in explicit[j].items() if not (k in parts and parts[k].explicit_in_sq)}
+    counted = {
+      k: g for k, g in explicit[j].items() if not (k in parts and parts[k].explicit_in_terms)
+    }
+    norm_parts = [_leaves.root(terms[j])] if terms[j] else []
     if counted:
-      norms = _norms.combine([norms, _norms.norms(_pack(counted, in_pass)[0], 2.0, 1, mask)], 2.0)
+      norm_parts.append(_norms.norms(_pack(counted, in_pass)[0], 2.0, 1, mask))
+    if not norm_parts:  # a group the loss does not depend on
+      zero = jnp.zeros((size,), dtype)
+      norm_parts.append(_norms.Norms(jnp.zeros((size,), jnp.int32), zero))
+    norms = _norms.combine(norm_parts, 2.0)
     w = _norms.clip_weights(norms, c, scaling=scaling, stability=stability, mask=mask)
     w, plain = _settled(w)
     reported.append(_norms.reported(norms, mask))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from clipjax import _norms
 from clipjax.ghost import _walk
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -146,15 +147,47 @@ def inner(x, x_indexed, y, y_indexed):
   return jnp.einsum("bhpl,bhql->bhpq", x, y, precision=_HIGHEST)
 
 
-def cross(f: Factors, g: Factors, swapped: bool = False) -> jax.Array:
-  """``⟨G_i, G'_i⟩`` per example; ``swapped`` when ``g``'s ``L`` is ``f``'s ``R``."""
+class Scaled(NamedTuple):
+  """Per-example values ``value · 2^exponent`` (a squared norm can overflow where the
+  norm itself does not)."""
+
+  value: jax.Array
+  exponent: jax.Array
+
+
+def _top_exponent(x):
+  """Per example, about the power of two of the largest magnitude (0 for all zeros).
+
+  Any integer near it serves: dividing by an exact power of two is exact.
+  """
+  top = jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)))
+  log2 = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1)))
+  # Not finite only for non-finite entries, which make the example non-finite anyway.
+  return jnp.where(jnp.isfinite(log2), log2, 0).astype(jnp.int32)
+
+
+def _per_example(v, like):
+  return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+def cross(f: Factors, g: Factors, swapped: bool = False) -> Scaled:
+  """``⟨G_i, G'_i⟩`` per example; ``swapped`` when ``g``'s ``L`` is ``f``'s ``R``.
+
+  The two Gram products are divided by the powers of two of their largest entries
+  before they are multiplied, so that a gradient whose squared norm passes the
+  largest float is still measured (and clipped, not dropped).
+  """
   if swapped:
     left = inner(f.a, f.indexed, g.b, False)
     right = inner(f.b, False, g.a, g.indexed)
   else:
     left = inner(f.a, f.indexed, g.a, g.indexed)
     right = inner(f.b, False, g.b, False)
-  return jnp.sum(left.astype(right.dtype) * right, axis=(1, 2, 3))
+  left = left.astype(right.dtype)
+  e_left, e_right = _top_exponent(left), _top_exponent(right)
+  left = _norms._times_pow2(left, -_per_example(e_left, left))
+  right = _norms._times_pow2(right, -_per_example(e_right, right))
+  return Scaled(jnp.sum(left * right, axis=(1, 2, 3)), e_left + e_right)
 
 
 def explicit(f: Factors) -> jax.Array:

@@ -33,18 +33,19 @@ class Leaf(NamedTuple):
   """A leaf's per-example norm parts and what its clipped sum needs.
 
   Attributes:
-    sq: ``(batch,)`` squared norm of the ghost part (cross terms included), or None.
+    terms: ``(multiplicity, Scaled)`` pairs that sum to the squared norm of the ghost
+      part (cross terms included); see :func:`root`.
     explicit: ``(batch, *leaf.shape)`` explicit per-example gradient (the explicit
       uses' sum), or None.
-    explicit_in_sq: whether ``sq`` already counts ``‖explicit‖²`` (a leaf with both
+    explicit_in_terms: whether ``terms`` already count ``explicit`` (a leaf with both
       kinds of use: the cross terms may be negative, so the parts cannot be combined
       as norms).
     ghost: the uses taken in ghost form.
   """
 
-  sq: Any
+  terms: list
   explicit: Any
-  explicit_in_sq: bool
+  explicit_in_terms: bool
   ghost: list
 
 
@@ -87,13 +88,12 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     for u, lay in zip(uses, layouts)
   ]
   ghost, relations = _choose(uses, factors, layouts, size)
-  sq = None
+  terms = []  # (multiplicity, Scaled)
   for i, j in itertools.combinations_with_replacement(range(len(uses)), 2):
     if not (ghost[i] and ghost[j]) or (i != j and relations[i, j] == "disjoint"):
       continue
-    term = _factors.cross(factors[i], factors[j], i != j and relations[i, j] == "swapped")
-    term = term if i == j else 2 * term
-    sq = term if sq is None else sq + term
+    swapped = i != j and relations[i, j] == "swapped"
+    terms.append((1 if i == j else 2, _factors.cross(factors[i], factors[j], swapped)))
 
   explicit = None
   zero = jnp.zeros(leaf.shape, dtype)
@@ -103,19 +103,28 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     _, back = jax.vjp(lambda v, u=u: _factors.to_blocks(u, v), zero)
     part = jax.vmap(lambda blocks, back=back: back(blocks)[0])(_factors.explicit(f))
     explicit = part if explicit is None else explicit + part
-  mixed = explicit is not None and sq is not None
+  mixed = explicit is not None and bool(terms)
   if mixed:
+    unscaled = lambda v: _factors.Scaled(v, jnp.zeros(v.shape, jnp.int32))
     for u, f, g in zip(uses, factors, ghost):
       if g:
-        sq = sq + 2 * _factors.against(
-          f, jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit)
-        )
+        blocks = jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit)
+        terms.append((2, unscaled(_factors.against(f, blocks))))
     flat = explicit.reshape(explicit.shape[0], -1)
-    sq = sq + jnp.sum(flat * flat, axis=1)
-  if sq is not None:
-    # Cancelling cross terms can round a zero norm slightly below zero.
-    sq = jnp.maximum(sq, 0)
-  return Leaf(sq, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+    terms.append((1, unscaled(jnp.sum(flat * flat, axis=1))))
+  return Leaf(terms, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+
+
+def root(terms) -> _norms.Norms:
+  """The norms whose squares are ``Σ_t m_t · value_t · 2^exponent_t``."""
+  top = terms[0][1].exponent
+  for _, t in terms[1:]:
+    top = jnp.maximum(top, t.exponent)
+  total = sum(m * _norms._times_pow2(t.value, t.exponent - top) for m, t in terms)
+  # Cancelling cross terms can round a zero norm slightly below zero.
+  total = jnp.maximum(total, 0)
+  half = top // 2
+  return _norms.Norms(half.astype(jnp.int32), jnp.sqrt(_norms._times_pow2(total, top - 2 * half)))
 
 
 def _masked(x, w: _norms.Weights):
