@@ -19,7 +19,8 @@ peak during that step (runtime, executable, parameters and data included),
 same model.
 
 ``python -m benchmarks --only ghost [--quick]`` records the rows; ``python -m
-benchmarks.ghost_bench [--quick]`` prints the table (as Markdown with ``--markdown``).
+benchmarks.ghost_bench [--quick]`` prints the table (as Markdown with ``--markdown``);
+``python -m benchmarks.ghost_bench --plot RESULTS.json OUT.png`` draws them.
 """
 
 import ctypes
@@ -191,9 +192,41 @@ def table(rows, markdown=False) -> str:
   return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *lines])
 
 
+def plot(rows, path) -> None:
+  """Time and peak memory of both private candidates over the non-private step, per model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  by = {(r["model"], r["candidate"]): r for r in rows}
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+  labels = {"vmap_grad_clip": "vmap(grad) + per_example_clip", "clipped_grad": "clipped_grad"}
+  for ax, key, title in zip(axes, ("ratio", "rss_ratio"), ("time", "peak memory")):
+    for k, c in enumerate(labels):
+      values = [by[m, c][key] for m in models]
+      ax.barh([i + 0.4 * k for i in range(len(models))], values, 0.4, label=labels[c])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.axvline(1.3, color="k", lw=0.8, ls="--")
+    ax.set(xscale="log", title=f"{title}, relative to non-private jax.grad")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+  axes[0].set_yticks([i + 0.2 for i in range(len(models))], models)
+  axes[0].invert_yaxis()
+  handles, names = axes[0].get_legend_handles_labels()
+  fig.legend(handles, names, loc="lower center", ncol=2, fontsize=9)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def _main(argv):
   if argv[:1] == ["--memory"]:
     print(json.dumps(_measure_memory(*argv[1:3])))
+    return
+  if argv[:1] == ["--plot"]:  # --plot RESULTS.json OUT.png
+    with open(argv[1]) as f:
+      plot(json.load(f)["rows"], argv[2])
     return
   print(table(run("--quick" in argv), markdown="--markdown" in argv))
 

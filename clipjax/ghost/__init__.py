@@ -293,13 +293,13 @@ def clipped_grad(
   batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022). A leaf
   used several times (an embedding tied to the output projection, a layer applied
   twice, a layer shared by a scan's iterations) gets the norm of the sum over its uses,
-  cross terms included. The clipped sum is each use's own VJP (one contraction,
-  convolution transpose or scatter-add) of the clip-weighted output cotangents: no
-  second backward pass. Elementwise parameters, and every leaf used in a way no rule
-  recognises (inside ``cond``, ``while``, ``custom_jvp`` or ``custom_vjp`` calls,
-  transformed before use, ...), get their per-example gradient from the same batched
-  backward pass, as ``vmap(grad)`` would: exact, at that leaf's share of the
-  per-example cost.
+  cross terms included. The clipped sum is one contraction per use of its inputs and
+  clip-weighted output cotangents (a matrix product as large as a plain step's weight
+  gradient, a scatter-add for an embedding): no second backward pass. Elementwise
+  parameters, and every leaf used in a way no rule recognises (inside ``cond``,
+  ``while``, ``custom_jvp`` or ``custom_vjp`` calls, transformed before use, ...), get
+  their per-example gradient from the same batched backward pass, as ``vmap(grad)``
+  would: exact, at that leaf's share of the per-example cost.
 
   Examples whose gradient is not finite contribute nothing (they are zeroed without
   multiplying NaN by zero) and report an infinite norm; examples masked out contribute

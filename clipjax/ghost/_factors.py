@@ -7,9 +7,12 @@ here works on that form, batched over examples:
 * :func:`inner` forms the inner products ``A_p·A'_q`` (dense, or one-hot rows given by
   their indices, never built);
 * :func:`cross` is ``⟨G_i, G'_i⟩ = Σ_h Σ_{p,q} (A_p·A'_q)(B_p·B'_q)`` for two uses of one
-  leaf laid out alike (``⟨G_i, G_i⟩`` is the Gram-form squared norm);
+  leaf laid out alike (``⟨G_i, G_i⟩`` is the Gram-form squared norm), as a
+  :class:`Scaled` value that cannot overflow where the norm does not;
 * :func:`explicit` builds ``G_i`` itself, and :func:`against` is ``⟨G_i, S_i⟩`` with an
   explicit ``S_i``;
+* :func:`summed` is ``Σ_i G_i``, one contraction over examples and positions (the
+  clipped sum, once the weights are in the factors);
 * :func:`of_use` computes the factors of a use from its recorded data and output
   cotangents, folding the iterations of enclosing scans: a leaf shared by the
   iterations sums over them (more positions), a scanned-over leaf has one slice per

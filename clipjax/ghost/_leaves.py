@@ -10,9 +10,11 @@ transposed, as an embedding's lookup and its tied output projection do) or touch
 disjoint elements (slices of a stacked leaf); otherwise the cheaper one goes explicit.
 A ghost use pairs with the explicit ones through their sum ``S_i``.
 
-The clipped sum of a ghost use is its own VJP applied to the clip-weighted output
-cotangents (the "book-keeping" of Bu et al.: no second backward pass); explicit
-gradients are summed with their weights directly.
+The clipped sum of a ghost use contracts its factors once the weights are known,
+``Σ_{i,p} A_ip ⊗ w_i B_ip`` (the use's own weight gradient: a matrix product, on the
+patches for a convolution, a scatter-add for an embedding), the "book-keeping" of Bu
+et al. that needs no second backward pass; explicit gradients are summed with their
+weights directly.
 """
 
 from __future__ import annotations

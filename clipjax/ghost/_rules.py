@@ -14,8 +14,9 @@ rule's ``A`` holds row indices, standing for one-hot ``L``-vectors that are neve
 From this form ``_factors`` computes the per-example squared norm either by the Gram
 form ``Σ_h Σ_{p,q} (A_p·A_q)(B_p·B_q)`` or from the explicit ``G_i``, whichever is
 cheaper for the shapes, and the cross terms between several uses of one leaf. The
-clipped sum needs no rule: it is the use's own VJP (one contraction, convolution
-transpose or scatter-add) applied to the clip-weighted cotangents.
+clipped sum needs no rule either: it contracts the factors of the clip-weighted
+records and cotangents over examples and positions (a matrix product as large as a
+plain step's weight gradient, or a scatter-add of rows).
 
 A rule with ``in_pass = True`` recognises a use whose per-example gradient is small
 (an elementwise scale or shift by a broadcast parameter: ``Σ_broadcast axes x·g``); it
@@ -56,7 +57,8 @@ class Rule:
 
   def factors(self, eqn, position: int, data: list, g):
     """``(A, B)`` for one example: ``A`` of shape ``(H, P, L)`` (``(H, P)`` indices if
-    ``indexed``), ``B`` of shape ``(H, P, R)``."""
+    ``indexed``), ``B`` of shape ``(H, P, R)``. A dense ``A`` must be linear in the data
+    and ``B`` in ``g``: a clip weight may go on either."""
     raise NotImplementedError
 
 
