@@ -3,7 +3,8 @@
 Runs the suites (``rescale``, ``sampling``, ``methods``, ``transforms``, ``privacy``,
 ``ghost``; all by default, or a comma-separated ``--only`` list), prints one table of medians and
 ratios (each row's median over its own baseline, measured in the same process,
-interleaved), and writes ``DIR/<backend>[-quick].json`` (jax version, backend,
+interleaved), and writes ``DIR/<backend>[-<suites>][-quick].json`` (the suites named
+when ``--only`` picks some of them; jax version, backend,
 device kind, date, all rows) and, with the rescale suite,
 ``DIR/<backend>[-quick]-rescale.png`` (time against vector size per method).
 ``--quick`` runs reduced grids in under two minutes on a 2-core CPU.
@@ -62,7 +63,9 @@ def main(argv):
     rows += [dict(r, suite=suite) for r in importlib.import_module(_SUITES[suite]).run(args.quick)]
   _print_table(rows)
   backend = jax.default_backend()
-  stem = os.path.join(args.out, backend + ("-quick" if args.quick else ""))
+  quick = "-quick" if args.quick else ""
+  subset = "" if set(args.only) == set(_SUITES) else "-" + "-".join(args.only)
+  stem = os.path.join(args.out, backend + subset + quick)
   os.makedirs(args.out, exist_ok=True)
   record = {
     "jax_version": jax.__version__,
@@ -78,7 +81,8 @@ def main(argv):
     json.dump(record, f, indent=1, allow_nan=False)
   if "rescale" in args.only:
     importlib.import_module(_SUITES["rescale"]).plot(
-      [r for r in rows if r["suite"] == "rescale"], stem + "-rescale.png"
+      [r for r in rows if r["suite"] == "rescale"],
+      os.path.join(args.out, backend + quick + "-rescale.png"),
     )
   print(f"wrote {stem}.json", file=sys.stderr)
 

@@ -32,6 +32,7 @@ import time
 import traceback
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
@@ -52,6 +53,7 @@ _ALSO_WITHOUT_CONTEXT = {
   "per_example_clip_masked_group_wise",
   "dp_aggregate_masked_group_wise",
   "microbatch_batch_sharded",
+  "clipped_grad_tied_embedding_batch_sharded",
 }
 _COLLECTIVE = re.compile(
   r"=\s*(\S.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
@@ -399,23 +401,127 @@ _privacy_check(
 )
 
 
-def _ghost_body(style):
-  """Ghost clipping on a batch-sharded linear model equals clipping per example."""
-  params = {"w": _rng.normal(size=(24, 10)).astype(np.float32), "b": np.zeros(10, np.float32)}
-  data = (_rng.normal(size=(32, 24)).astype(np.float32), _rng.integers(0, 10, 32).astype(np.int32))
-  loss = lambda p, x, y: -jax.nn.log_softmax(x @ p["w"] + p["b"])[y]
-  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *data)
-  want = jax.tree.map(lambda g: g.sum(0), clipjax.per_example_clip(per_example, 1.0)[0])
-  mesh = _mesh(style, (DEVICES,), ("b",))
-  with _context(style, mesh):
-    placed = _place(mesh, (params, *data), ({"w": P(), "b": P()}, P("b"), P("b")))
-    (total, _), found = _compile(clipjax.clipped_grad(loss, 1.0), *placed)
-  _assert_close(total, want, rtol=1e-4)
-  _assert_gather_free(found, params["w"].size)
-  return found
+# ---------------------------------------------------------------------------
+# clipped_grad (ghost clipping) with the batch axis sharded, and with the
+# parameters sharded too (FSDP style)
+# ---------------------------------------------------------------------------
 
 
-_register("clipped_grad_batch_sharded", _ghost_body)
+def _conv_loss(p, x, y):
+  dims = ("NHWC", "HWIO", "NHWC")
+  h = jax.lax.conv_general_dilated(x[None], p["k1"], (1, 1), "SAME", dimension_numbers=dims)[0]
+  h = jax.nn.relu(h * p["scale"] + p["shift"])
+  h = jax.lax.conv_general_dilated(h[None], p["k2"], (2, 2), "SAME", dimension_numbers=dims)[0]
+  return -jax.nn.log_softmax(jnp.mean(jax.nn.relu(h), axis=(0, 1)) @ p["w"])[y]
+
+
+def _lm_loss(p, tokens):
+  """An embedding tied to the output projection, a residual MLP, learned positions."""
+  h = jnp.tanh(p["emb"][tokens[:-1]] + p["pos"])
+  h = h + jax.nn.relu(h @ p["w1"]) @ p["w2"]
+  logits = h @ p["emb"].T
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[1:, None], 1))
+
+
+_GHOST_MODELS = {
+  # name: (loss, params, batch, FSDP specs of the parameters)
+  "conv": (
+    _conv_loss,
+    {
+      "k1": (0.3 * _rng.normal(size=(3, 3, 3, 8))).astype(np.float32),
+      "scale": np.ones(8, np.float32),
+      "shift": np.zeros(8, np.float32),
+      "k2": (0.2 * _rng.normal(size=(3, 3, 8, 16))).astype(np.float32),
+      "w": (0.3 * _rng.normal(size=(16, 10))).astype(np.float32),
+    },
+    (
+      _rng.normal(size=(32, 8, 8, 3)).astype(np.float32),
+      _rng.integers(0, 10, 32).astype(np.int32),
+    ),
+    {
+      "k1": P(None, None, None, "p"),
+      "scale": P(),
+      "shift": P(),
+      "k2": P(None, None, None, "p"),
+      "w": P("p"),
+    },
+  ),
+  "tied_embedding": (
+    _lm_loss,
+    {
+      "emb": (0.3 * _rng.normal(size=(64, 16))).astype(np.float32),
+      "pos": np.zeros((7, 16), np.float32),
+      "w1": (0.2 * _rng.normal(size=(16, 32))).astype(np.float32),
+      "w2": (0.2 * _rng.normal(size=(32, 16))).astype(np.float32),
+    },
+    (_rng.integers(0, 64, (32, 8)).astype(np.int32),),
+    {"emb": P("p"), "pos": P(), "w1": P(None, "p"), "w2": P("p")},
+  ),
+}
+
+
+def _ghost_reference(loss, params, batch):
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None,) + (0,) * len(batch))(params, *batch)
+  return jax.tree.map(lambda g: g.sum(0), clipjax.per_example_clip(per_example, 1.0)[0])
+
+
+def _ghost_batch_sharded(name):
+  """Taps, records and cotangents stay sharded like the batch (nothing is gathered);
+  the clipped sum is one all-reduce of at most the parameters' size."""
+  loss, params, batch, _ = _GHOST_MODELS[name]
+
+  def body(style):
+    mesh = _mesh(style, (DEVICES,), ("b",))
+    with _context(style, mesh):
+      specs = (jax.tree.map(lambda _: P(), params),) + (P("b"),) * len(batch)
+      placed = _place(mesh, (params, *batch), specs)
+      (total, norms), found = _compile(clipjax.clipped_grad(loss, 1.0), *placed)
+    _assert_close(total, _ghost_reference(loss, params, batch), rtol=1e-4)
+    assert norms.sharding.spec[0] == "b", norms.sharding
+    _assert_gather_free(found, sum(np.size(v) for v in jax.tree.leaves(params)))
+    return found
+
+  return body
+
+
+def _parameter_gathers(found, params):
+  """The all-gathers whose result has a parameter leaf's size (a gathered parameter or
+  parameter-sized gradient)."""
+  sizes = {np.size(v) for v in jax.tree.leaves(params)}
+  return sorted(e for kind, _, e in found if kind == "all-gather" and e in sizes)
+
+
+def _ghost_fsdp(name):
+  """Batch over one mesh axis, parameters over the other: per-example norms are partial
+  sums all-reduced over the parameter axis, and no parameter is gathered that the
+  non-private step does not gather. (How the sums come out sharded is the automatic
+  partitioner's choice, as it is for the non-private gradient.)"""
+  loss, params, batch, param_specs = _GHOST_MODELS[name]
+
+  def plain(p, *batch):
+    return jax.grad(lambda p: jnp.sum(jax.vmap(loss, (None,) + (0,) * len(batch))(p, *batch)))(p)
+
+  def body(style):
+    mesh = _mesh(style, (4, 2), ("b", "p"))
+    with _context(style, mesh):
+      placed = _place(mesh, (params, *batch), (param_specs,) + (P("b"),) * len(batch))
+      (total, _), found = _compile(clipjax.clipped_grad(loss, 1.0), *placed)
+      _, plain_found = _compile(plain, *placed)
+    _assert_close(total, _ghost_reference(loss, params, batch), rtol=1e-4)
+    gathered = _parameter_gathers(found, params)
+    assert gathered == _parameter_gathers(plain_found, params), (gathered, plain_found)
+    per_example = [c for c in found if c[0] == "all-reduce" and re.search(r"f32\[8[],]", c[1])]
+    assert per_example, f"no per-example partial sums reduced: {found}"
+    return found
+
+  return body
+
+
+for _name in _GHOST_MODELS:
+  _register(f"clipped_grad_{_name}_batch_sharded", _ghost_batch_sharded(_name))
+  # Automatic axes only: under explicit ones the models themselves (an embedding
+  # gathered from a sharded table by sharded ids) need out_sharding annotations.
+  _register(f"clipped_grad_{_name}_fsdp", _ghost_fsdp(_name), styles=("auto",))
 
 # ---------------------------------------------------------------------------
 # The data-parallel DP-SGD example, in smoke mode

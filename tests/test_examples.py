@@ -85,7 +85,7 @@ def test_clipping_bias(tmp_path):
 
 def test_dp_sgd(tmp_path, capsys):
   result, out = _run("dp_sgd", tmp_path, capsys)
-  assert "add or remove" in out and "audit" in out
+  assert "adding or removing one training example" in out and "audit" in out
   sampler = result["sampler"]
   assert sampler.accounting["sampling"] == "poisson"
   assert sampler.overflow_probability * 1_000 < 1e-5

@@ -21,9 +21,6 @@ _KNOWN_FAILURES = {
   # _eta_sort's reshape of a leaf to one row has no output sharding under an
   # explicit mesh: "ShardingTypeError: This reshape is not supported".
   "rescale_sort_pytree[explicit]": "sort reshape needs out_sharding under Explicit axes",
-  # clipped_grad vmaps over unsharded taps next to the batch-sharded data:
-  # "Mapped away dimension of inputs passed to vmap should be sharded the same".
-  "clipped_grad_batch_sharded[explicit]": "ghost taps are not sharded like the batch",
   # Not ours: optax 0.2.8 contracts the sharded batch axis with a plain dot,
   # which explicit sharding rejects ("Contracting dimensions are sharded and
   # it is ambiguous how the output should be sharded"). clipjax passes an

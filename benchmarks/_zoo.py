@@ -1,0 +1,174 @@
+"""The models of the ghost benchmark: what DP-SGD is used for, as a new user writes them.
+
+Each entry builds ``(loss_fn, params, batch)``: ``loss_fn(params, *example)`` is the
+scalar loss of ONE example (what ``clipjax.clipped_grad`` takes), ``params`` a pytree of
+float32 arrays and ``batch`` a tuple of arrays with a leading batch axis. Parameters and
+data come from NumPy, so building a model compiles nothing.
+
+* ``mlp_64_256_256_10``, ``mlp_3072_512_512_10``: ReLU MLPs, batch 256.
+* ``cnn``: 4 x (Conv 3x3 -> GroupNorm(8) -> relu), channels 32/64/128/256, strides
+  1/2/2/2, mean-pool, Dense(10); 32x32x3 inputs, batch 64 (392k parameters).
+* ``cnn_small``: the same with channels 16/32/64 (strides 1/2/2), batch 32.
+* ``transformer``: a causal language model, vocabulary 32000, width 128, 2 pre-LayerNorm
+  blocks (4-head causal attention, MLP 512), learned positions, output projection tied
+  to the token embedding (``nn.Embed.attend``); sequences of 64 tokens, batch 32
+  (4.5M parameters).
+* ``mobilenet``: depthwise-separable convolutions: Conv 3x3 (32) -> GroupNorm -> relu,
+  then 3 x (depthwise 3x3, stride 2 -> GroupNorm -> relu -> pointwise 1x1, doubling
+  the channels -> GroupNorm -> relu), mean-pool, Dense(10); 32x32x3 inputs, batch 64.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def _fill(shapes, rng):
+  """Random parameters for a pytree of shapes (scaled like a fan-in initialisation)."""
+
+  def one(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    scale = fan_in**-0.5 if len(s.shape) > 1 else 0.1
+    return jnp.asarray(scale * rng.standard_normal(s.shape) + (len(s.shape) == 1), s.dtype)
+
+  return jax.tree.map(one, shapes)
+
+
+def _cross_entropy(logits, label):
+  return -jax.nn.log_softmax(logits)[label]
+
+
+# ----------------------------------------------------------------------------- MLPs
+
+
+def _mlp_loss(params, x, y):
+  """Softmax cross-entropy of one example under a ReLU MLP."""
+  h = x
+  for w, b in params[:-1]:
+    h = jax.nn.relu(h @ w + b)
+  w, b = params[-1]
+  return _cross_entropy(h @ w + b, y)
+
+
+def _mlp(sizes, batch, rng):
+  params = [
+    (
+      jnp.asarray(rng.standard_normal((m, n)) / np.sqrt(m), jnp.float32),
+      jnp.zeros((n,), jnp.float32),
+    )
+    for m, n in zip(sizes[:-1], sizes[1:])
+  ]
+  x = jnp.asarray(rng.standard_normal((batch, sizes[0])), jnp.float32)
+  y = jnp.asarray(rng.integers(0, sizes[-1], batch), jnp.int32)
+  return _mlp_loss, params, (x, y)
+
+
+# ----------------------------------------------------------------------------- CNNs
+
+
+class CNN(nn.Module):
+  """(Conv 3x3 -> GroupNorm(8) -> relu) per channel count, mean-pool, Dense(10)."""
+
+  channels: tuple = (32, 64, 128, 256)
+  strides: tuple = (1, 2, 2, 2)
+
+  @nn.compact
+  def __call__(self, x):
+    for c, s in zip(self.channels, self.strides):
+      x = nn.relu(nn.GroupNorm(8)(nn.Conv(c, (3, 3), strides=s)(x)))
+    return nn.Dense(10)(jnp.mean(x, axis=(0, 1)))
+
+
+class MobileNet(nn.Module):
+  """A stem convolution, then depthwise-separable blocks that halve the resolution."""
+
+  channels: tuple = (32, 64, 128, 256)
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.GroupNorm(8)(nn.Conv(self.channels[0], (3, 3))(x)))
+    for c_in, c_out in zip(self.channels[:-1], self.channels[1:]):
+      x = nn.Conv(c_in, (3, 3), strides=2, feature_group_count=c_in)(x)
+      x = nn.relu(nn.GroupNorm(8)(x))
+      x = nn.relu(nn.GroupNorm(8)(nn.Conv(c_out, (1, 1))(x)))
+    return nn.Dense(10)(jnp.mean(x, axis=(0, 1)))
+
+
+def _image_model(model, batch, rng):
+  x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  params = _fill(jax.eval_shape(model.init, jax.random.key(0), x[0]), rng)
+
+  def loss(params, x, y):
+    return _cross_entropy(model.apply(params, x), y)
+
+  return loss, params, (x, y)
+
+
+# ---------------------------------------------------------------------- transformer
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block: causal self-attention, then an MLP."""
+
+  heads: int = 4
+  hidden: int = 512
+
+  @nn.compact
+  def __call__(self, x):
+    mask = nn.make_causal_mask(jnp.ones(x.shape[0]))
+    x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x), mask=mask)
+    h = nn.Dense(self.hidden)(nn.LayerNorm()(x))
+    return x + nn.Dense(x.shape[-1])(nn.gelu(h))
+
+
+class TransformerLM(nn.Module):
+  """Token and learned position embeddings, blocks, LayerNorm, logits by the tied table."""
+
+  vocab: int = 32000
+  width: int = 128
+  blocks: int = 2
+  length: int = 64
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(self.vocab, self.width)
+    positions = self.param(
+      "positions", nn.initializers.normal(0.02), (self.length, self.width), jnp.float32
+    )
+    x = embed(tokens) + positions[: tokens.shape[0]]
+    for _ in range(self.blocks):
+      x = Block()(x)
+    return embed.attend(nn.LayerNorm()(x))
+
+
+def _transformer(batch, rng, vocab=32000, length=64):
+  model = TransformerLM(vocab=vocab, length=length)
+  tokens = jnp.asarray(rng.integers(0, vocab, (batch, length + 1)), jnp.int32)
+  params = _fill(jax.eval_shape(model.init, jax.random.key(0), tokens[0, :-1]), rng)
+  params = jax.tree.map(lambda a: a * 0.1 if a.shape == (vocab, 128) else a, params)
+
+  def loss(params, tokens):
+    logits = model.apply(params, tokens[:-1])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[1:]))
+
+  return loss, params, (tokens,)
+
+
+# ------------------------------------------------------------------------------ zoo
+
+MODELS = {
+  "mlp_64_256_256_10": lambda rng: _mlp((64, 256, 256, 10), 256, rng),
+  "mlp_3072_512_512_10": lambda rng: _mlp((3072, 512, 512, 10), 256, rng),
+  "cnn": lambda rng: _image_model(CNN(), 64, rng),
+  "cnn_small": lambda rng: _image_model(CNN((16, 32, 64), (1, 2, 2)), 32, rng),
+  "transformer": lambda rng: _transformer(32, rng),
+  "mobilenet": lambda rng: _image_model(MobileNet(), 64, rng),
+}
+
+
+def build(name: str, seed: int = 0):
+  """``(loss_fn, params, batch)`` of the named zoo model."""
+  return MODELS[name](np.random.default_rng(seed))

@@ -1,0 +1,163 @@
+"""One parameter leaf with recognised uses: its per-example squared norm and clipped sum.
+
+A leaf's per-example gradient is the sum of its uses' gradients (weight tying, a layer
+applied twice, the iterations of a scan), so its squared norm is
+``Σ_a ‖G_a‖² + 2 Σ_{a<b} ⟨G_a, G_b⟩``. Each use is taken either in *ghost* form (the
+Gram form of its factors, never the gradient itself) or *explicitly* (its per-example
+gradient, one batched contraction), whichever costs less for its shapes (Bu, Mao & Xu,
+2022). Two ghost uses pair through their factors when they lay the leaf out alike (or
+transposed, as an embedding's lookup and its tied output projection do) or touch
+disjoint elements (slices of a stacked leaf); otherwise the cheaper one goes explicit.
+A ghost use pairs with the explicit ones through their sum ``S_i``.
+
+The clipped sum of a ghost use contracts its factors once the weights are known,
+``Σ_{i,p} A_ip ⊗ w_i B_ip`` (the use's own weight gradient: a matrix product, on the
+patches for a convolution, a scatter-add for an embedding), the "book-keeping" of Bu
+et al. that needs no second backward pass; explicit gradients are summed with their
+weights directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from clipjax import _norms
+from clipjax.ghost import _factors
+
+
+class Leaf(NamedTuple):
+  """A leaf's per-example norm parts and what its clipped sum needs.
+
+  Attributes:
+    terms: ``(multiplicity, Scaled)`` pairs that sum to the squared norm of the ghost
+      part (cross terms included); see :func:`root`.
+    explicit: ``(batch, *leaf.shape)`` explicit per-example gradient (the explicit
+      uses' sum), or None.
+    explicit_in_terms: whether ``terms`` already count ``explicit`` (a leaf with both
+      kinds of use: the cross terms may be negative, so the parts cannot be combined
+      as norms).
+    ghost: the uses taken in ghost form.
+  """
+
+  terms: list
+  explicit: Any
+  explicit_in_terms: bool
+  ghost: list
+
+
+def _relation(a: np.ndarray, b: np.ndarray, size: int) -> str | None:
+  """How two uses' ``(H, L, R)`` layouts of one leaf relate, for pairing their factors."""
+  if a.shape == b.shape and np.array_equal(a, b):
+    return "same"
+  t = b.transpose(0, 2, 1)
+  if a.shape == t.shape and np.array_equal(a, t):
+    return "swapped"
+  touched = np.zeros(size, bool)
+  touched[a.ravel()] = True
+  return "disjoint" if not touched[b.ravel()].any() else None
+
+
+def _choose(uses, factors, layouts, size) -> tuple[list[bool], dict]:
+  """Ghost or explicit for every use, and how every two ghost uses pair."""
+  ghost = [
+    u.isometric and len(np.unique(lay)) == lay.size and f.gram_cost < f.explicit_cost
+    for u, f, lay in zip(uses, factors, layouts)
+  ]
+  relations = {}
+  for i, j in itertools.combinations(range(len(uses)), 2):
+    relations[i, j] = _relation(layouts[i], layouts[j], size)
+  while True:
+    unpaired = [(i, j) for (i, j), r in relations.items() if r is None and ghost[i] and ghost[j]]
+    if not unpaired:
+      return ghost, relations
+    i, j = unpaired[0]
+    # The one whose explicit gradient is cheaper gives up its ghost form.
+    ghost[i if factors[i].explicit_cost <= factors[j].explicit_cost else j] = False
+
+
+def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
+  """The squared norm parts of one leaf from its uses' records and output cotangents."""
+  size = int(np.prod(leaf.shape))
+  layouts = [_factors.layout(u, leaf.shape) for u in uses]
+  factors = [
+    _factors.of_use(u, records[u.path], cotangents[u.path], lay.shape[1], dtype)
+    for u, lay in zip(uses, layouts)
+  ]
+  ghost, relations = _choose(uses, factors, layouts, size)
+  terms = []  # (multiplicity, Scaled)
+  for i, j in itertools.combinations_with_replacement(range(len(uses)), 2):
+    if not (ghost[i] and ghost[j]) or (i != j and relations[i, j] == "disjoint"):
+      continue
+    swapped = i != j and relations[i, j] == "swapped"
+    terms.append((1 if i == j else 2, _factors.cross(factors[i], factors[j], swapped)))
+
+  explicit = None
+  zero = jnp.zeros(leaf.shape, dtype)
+  for u, f, g in zip(uses, factors, ghost):
+    if g:
+      continue
+    _, back = jax.vjp(lambda v, u=u: _factors.to_blocks(u, v), zero)
+    part = jax.vmap(lambda blocks, back=back: back(blocks)[0])(_factors.explicit(f))
+    explicit = part if explicit is None else explicit + part
+  mixed = explicit is not None and bool(terms)
+  if mixed:
+    unscaled = lambda v: _factors.Scaled(v, jnp.zeros(v.shape, jnp.int32))
+    for u, f, g in zip(uses, factors, ghost):
+      if g:
+        blocks = jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit)
+        terms.append((2, unscaled(_factors.against(f, blocks))))
+    flat = explicit.reshape(explicit.shape[0], -1)
+    terms.append((1, unscaled(jnp.sum(flat * flat, axis=1))))
+  return Leaf(terms, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+
+
+def root(terms) -> _norms.Norms:
+  """The norms whose squares are ``Σ_t m_t · value_t · 2^exponent_t``."""
+  top = terms[0][1].exponent
+  for _, t in terms[1:]:
+    top = jnp.maximum(top, t.exponent)
+  total = sum(m * _norms._times_pow2(t.value, t.exponent - top) for m, t in terms)
+  # Cancelling cross terms can round a zero norm slightly below zero.
+  total = jnp.maximum(total, 0)
+  half = top // 2
+  return _norms.Norms(half.astype(jnp.int32), jnp.sqrt(_norms._times_pow2(total, top - 2 * half)))
+
+
+def _masked(x, w: _norms.Weights):
+  keep = w.keep.reshape(w.keep.shape + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _weighed(x, w: _norms.Weights, plain):
+  """``_norms.scale_examples(x, w)``, by one multiplication when ``plain`` (every example
+  kept and unshifted), where it agrees."""
+  factor = lambda: x * w.factor.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+  return lax.cond(plain, factor, lambda: _norms.scale_examples(x, w))
+
+
+def ghost_sum(leaf_parts: Leaf, leaf, records, cotangents, w: _norms.Weights, plain):
+  """``Σ_i w_i G_i`` over the leaf's ghost uses, in the leaf's dtype."""
+  total = jnp.zeros(leaf.shape, leaf.dtype)
+  for use in leaf_parts.ghost:
+    ct, data = cotangents[use.path], records[use.path]
+    # The weight goes on whichever operand is smaller (an output projection's
+    # cotangent is far larger than its input; a dense factor is linear in the data);
+    # the other is only masked, so that a dropped example's NaN never meets a zero
+    # weight (NaN · 0 = NaN).
+    if not use.rule.indexed and data[0].size < ct.size:
+      data = [_weighed(data[0], w, plain)]
+      ct = _masked(ct, w)
+    else:
+      ct = _weighed(ct, w, plain)
+      data = [_masked(x, w) for x in data]
+    blocks = jax.eval_shape(lambda v, use=use: _factors.to_blocks(use, v), leaf)
+    f = _factors.of_use(use, data, ct, blocks.shape[1])
+    _, back = jax.vjp(lambda v, use=use: _factors.to_blocks(use, v), jnp.zeros_like(leaf))
+    total = total + back(_factors.summed(f).astype(leaf.dtype))[0]
+  return total

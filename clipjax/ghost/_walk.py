@@ -1,0 +1,323 @@
+"""The per-example program: where parameters meet data, and one tapped evaluation of it.
+
+:func:`find_uses` follows every value of the traced per-example loss from the parameter
+leaves and the example's data, and asks the rule table (``_rules.RULES``) about every
+equation where a parameter (possibly reshaped, transposed, sliced or cast: a *view* of
+one leaf) meets data. It looks inside ``jit`` calls, ``checkpoint`` (remat) bodies and
+``scan`` bodies: there a leaf closed over by the body is *shared* by the iterations,
+and a leaf scanned over (stacked layers) is *sliced*, one slice per iteration. Every
+other way of using a leaf (an equation no rule takes, a ``cond`` or ``while`` body, a
+``custom_jvp`` / ``custom_vjp`` call, whose gradient its own rule defines) puts that
+leaf *in the pass*: its per-example gradient is taken by the batched backward pass
+itself, which costs what ``vmap(grad)`` costs for that leaf and no more.
+
+:func:`evaluate` re-evaluates the program with a zero *tap* added to the output of
+every recognised use (stacked over the iterations of enclosing scans) and records the
+use's data operands, so that one backward pass gives every use's output cotangent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+
+from clipjax.ghost import _rules
+
+# Provenance of a value (a `View` is the fourth kind).
+CONST = "const"  # depends on neither parameters nor the example
+PARAMS = "params"  # depends on parameters only, other than as a view of one leaf
+DATA = "data"  # depends on the example
+
+_ORDER = {CONST: 0, PARAMS: 1, DATA: 2}
+
+# Equations that keep a value a view of one leaf: replaying them on the leaf and taking
+# their VJP maps gradients back to it. The isometric ones also preserve norms.
+_ELEMENTWISE = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+_ISOMETRIC = _ELEMENTWISE | {"reshape", "transpose", "squeeze", "slice"}
+_VIEWS = _ISOMETRIC | {"broadcast_in_dim"}
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+_REMAT = frozenset({"remat2", "checkpoint"})
+
+
+class View(NamedTuple):
+  """A value obtained from parameter leaf ``leaf`` by the view equations ``chain``.
+
+  ``scanned`` has one flag per enclosing ``scan``: True where that scan runs over the
+  leaf's leading axis (then ``chain`` applies to one slice of the leaf).
+  """
+
+  leaf: int
+  chain: tuple
+  scanned: tuple
+
+
+class Use(NamedTuple):
+  """A recognised use ``eqn(..., view(leaf), ...)`` of a leaf with per-example data.
+
+  Attributes:
+    rule: the rule that recognised it.
+    leaf: index of the parameter leaf.
+    path: equation indices through enclosing calls and scans: the key of its tap.
+    eqn: the equation.
+    position: operand index of the parameter view.
+    chain: view equations from the leaf (or its slice) to that operand.
+    scanned: per enclosing scan, whether the leaf is scanned over (sliced) there.
+    lengths: per enclosing scan, its number of iterations.
+  """
+
+  rule: Any
+  leaf: int
+  path: tuple
+  eqn: Any
+  position: int
+  chain: tuple
+  scanned: tuple
+  lengths: tuple
+
+  @property
+  def isometric(self) -> bool:
+    """Whether the chain preserves norms (so the use's norm is the leaf gradient's)."""
+    return all(_isometric(e) for e in self.chain)
+
+  @property
+  def data(self) -> list:
+    """The equation's other operands (their per-example values are recorded)."""
+    return [v for i, v in enumerate(self.eqn.invars) if i != self.position]
+
+
+def _isometric(eqn) -> bool:
+  if eqn.primitive.name in _ISOMETRIC:
+    return True
+  # broadcast_in_dim that only adds unit axes (expand_dims) moves no value twice.
+  return eqn.primitive.name == "broadcast_in_dim" and (
+    np.prod(eqn.outvars[0].aval.shape) == np.prod(eqn.invars[0].aval.shape)
+  )
+
+
+def _join(provenances) -> str:
+  kinds = [PARAMS if isinstance(p, View) else p for p in provenances]
+  return max(kinds, key=_ORDER.__getitem__, default=CONST)
+
+
+def _kind(p) -> str:
+  return "view" if isinstance(p, View) else p
+
+
+def _read(env, v):
+  return CONST if isinstance(v, jex_core.Literal) else env[v]
+
+
+class _Found:
+  """What the analysis collects: the recognised uses and the leaves taken in the pass."""
+
+  def __init__(self):
+    self.uses = []
+    self.in_pass = set()
+
+  def give_up(self, provenances):
+    self.in_pass.update(p.leaf for p in provenances if isinstance(p, View))
+
+
+def _analyse(jaxpr, provenances, path, lengths, found) -> list:
+  """Collects uses and leaves for the pass into ``found``; returns the outputs' provenance."""
+  env = dict(zip(jaxpr.invars, provenances))
+  env.update((v, CONST) for v in jaxpr.constvars)
+  for i, eqn in enumerate(jaxpr.eqns):
+    here = path + (i,)
+    ins = [_read(env, v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in _CALLS:
+      outs = _analyse(eqn.params["jaxpr"].jaxpr, ins, here, lengths, found)
+    elif name in _REMAT:
+      outs = _analyse(eqn.params["jaxpr"], ins, here, lengths, found)
+    elif name == "scan":
+      outs = _analyse_scan(eqn, ins, here, lengths, found)
+    elif name in _VIEWS and len(ins) == 1 and isinstance(ins[0], View):
+      view = ins[0]
+      outs = [View(view.leaf, view.chain + (eqn,), view.scanned)]
+    else:
+      rule = _rules.RULES.get(name)
+      position = rule.match(eqn, [_kind(p) for p in ins]) if rule else None
+      if position is None or rule.in_pass:
+        found.give_up(ins)
+        outs = [_join(ins)] * len(eqn.outvars)
+      else:
+        view = ins[position]
+        found.uses.append(
+          Use(rule, view.leaf, here, eqn, position, view.chain, view.scanned, lengths)
+        )
+        outs = [DATA]
+    env.update(zip(eqn.outvars, outs))
+  return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _analyse_scan(eqn, ins, path, lengths, found) -> list:
+  """A scan: closed-over views are shared by the iterations, scanned-over views sliced."""
+  n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+  body = eqn.params["jaxpr"].jaxpr
+  inner = []
+  for j, p in enumerate(ins):
+    if isinstance(p, View):
+      if j < n_consts:
+        p = View(p.leaf, p.chain, p.scanned + (False,))
+      elif j >= n_consts + n_carry and all(e.primitive.name in _ELEMENTWISE for e in p.chain):
+        # Elementwise views commute with slicing: the chain applies to the slice.
+        p = View(p.leaf, p.chain, p.scanned + (True,))
+      else:
+        found.give_up([p])
+        p = PARAMS
+    inner.append(p)
+  inner_lengths = lengths + (eqn.params["length"],)
+  # The carry's provenance is the join over iterations: iterate to the fixed point
+  # (the lattice has three levels), then collect from the last run only.
+  while True:
+    trial = _Found()
+    outs = _analyse(body, inner, path, inner_lengths, trial)
+    carry = [_join([a, b]) for a, b in zip(inner[n_consts : n_consts + n_carry], outs[:n_carry])]
+    if carry == inner[n_consts : n_consts + n_carry]:
+      break
+    inner[n_consts : n_consts + n_carry] = carry
+  found.uses += trial.uses
+  found.in_pass |= trial.in_pass
+  found.give_up(outs)
+  return [_join([p]) for p in outs]
+
+
+def find_uses(closed, n_leaves: int, n_data: int) -> tuple[list, list]:
+  """The recognised uses of leaves outside the pass, and the leaves in the pass (sorted)."""
+  found = _Found()
+  provenances = [View(k, (), ()) for k in range(n_leaves)] + [DATA] * n_data
+  outs = _analyse(closed.jaxpr, provenances, (), (), found)
+  found.give_up(outs)
+  return [u for u in found.uses if u.leaf not in found.in_pass], sorted(found.in_pass)
+
+
+# ---------------------------------------------------------------------------
+# Tapped evaluation
+# ---------------------------------------------------------------------------
+
+
+def _inside(taps, path):
+  """The tap keys under ``path``, in a fixed order."""
+  return [k for k in taps if k[: len(path)] == path and len(k) > len(path)]
+
+
+def bind(eqn, ins):
+  with eqn.ctx.manager:
+    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def evaluate(jaxpr, consts, args, path, taps, records) -> list:
+  """Evaluates ``jaxpr``, adding ``taps[path]`` to the outputs of tapped equations.
+
+  ``records[path]`` receives a tapped equation's data operands (stacked over enclosing
+  scans, as its tap is). Calls, remat bodies and scans without taps inside are bound
+  as they are.
+  """
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  for i, eqn in enumerate(jaxpr.eqns):
+    here = path + (i,)
+    ins = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    inner = _inside(taps, here)
+    if not inner:
+      outs = bind(eqn, ins)
+      if here in taps:
+        position = taps[here][1]
+        records[here] = [x for j, x in enumerate(ins) if j != position]
+        outs = [outs[0] + taps[here][0]]
+    elif name in _CALLS:
+      closed = eqn.params["jaxpr"]
+      outs = evaluate(closed.jaxpr, closed.consts, ins, here, taps, records)
+    elif name in _REMAT:
+      outs = _evaluate_remat(eqn, ins, here, inner, taps, records)
+    else:  # scan
+      outs = _evaluate_scan(eqn, ins, here, inner, taps, records)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _evaluate_remat(eqn, ins, path, inner, taps, records):
+  """A remat body stays rematerialised: its records are outputs, everything else is not."""
+
+  def body(ins, inner_taps):
+    tap_map = {k: (t, taps[k][1]) for k, t in zip(inner, inner_taps)}
+    recs = {}
+    outs = evaluate(eqn.params["jaxpr"], [], ins, path, tap_map, recs)
+    return outs, [recs[k] for k in inner]
+
+  fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+  outs, recs = fn(ins, [taps[k][0] for k in inner])
+  records.update(zip(inner, recs))
+  return outs
+
+
+def _evaluate_scan(eqn, ins, path, inner, taps, records):
+  """A scan whose taps and records are extra scanned inputs and stacked outputs."""
+  n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+  closed = eqn.params["jaxpr"]
+  consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
+
+  def body(carry, x):
+    x, inner_taps = x
+    tap_map = {k: (t, taps[k][1]) for k, t in zip(inner, inner_taps)}
+    recs = {}
+    outs = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *x], path, tap_map, recs)
+    return outs[:n_carry], (outs[n_carry:], [recs[k] for k in inner])
+
+  carry, (ys, recs) = lax.scan(
+    body,
+    carry,
+    (xs, [taps[k][0] for k in inner]),
+    length=eqn.params["length"],
+    reverse=eqn.params["reverse"],
+    unroll=eqn.params["unroll"],
+  )
+  records.update(zip(inner, recs))
+  return [*carry, *ys]
+
+
+# ---------------------------------------------------------------------------
+# Replaying views
+# ---------------------------------------------------------------------------
+
+
+def replay_layout(chain, x):
+  """``chain`` applied to ``x`` as a pure rearrangement (casts skipped), in NumPy for an
+  array of leaf element indices or in JAX for values."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  for eqn in chain:
+    name, p = eqn.primitive.name, eqn.params
+    if name == "reshape":
+      if p.get("dimensions") is not None:
+        x = x.transpose(p["dimensions"])
+      x = x.reshape(p["new_sizes"])
+    elif name == "transpose":
+      x = x.transpose(p["permutation"])
+    elif name == "squeeze":
+      x = x.reshape(eqn.outvars[0].aval.shape)
+    elif name == "slice":
+      strides = p["strides"] or (1,) * x.ndim
+      x = x[
+        tuple(slice(a, b, s) for a, b, s in zip(p["start_indices"], p["limit_indices"], strides))
+      ]
+    elif name == "broadcast_in_dim":
+      shape = list(p["shape"])
+      expanded = [1] * len(shape)
+      for axis, d in zip(p["broadcast_dimensions"], x.shape):
+        expanded[axis] = d
+      x = xp.broadcast_to(x.reshape(expanded), shape)
+    elif name not in _ELEMENTWISE:
+      raise NotImplementedError(name)  # find_uses admits no other view equation
+  return x
