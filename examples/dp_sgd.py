@@ -117,7 +117,7 @@ def _parse(argv):
   parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
   args = parser.parse_args(argv)
   if args.smoke:
-    args.epsilons, args.epochs, args.audit_trials = [4.0], 2, 4_000
+    args.epsilons, args.epochs, args.audit_trials = [4.0], 2, 1_000
   return args
 
 

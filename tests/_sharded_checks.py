@@ -45,14 +45,8 @@ STYLES = ("auto", "explicit")
 # Checks that also run without a mesh context: code that names a sharding needs one.
 _ALSO_WITHOUT_CONTEXT = {
   "perturb_pytree",
-  "clipping_aware_normalize_pytree",
   "vmap_rescale_batch_sharded",
-  "per_example_clip_batch_sharded",
   "dp_aggregate_batch_sharded",
-  "adaptive_dp_aggregate_batch_sharded",
-  "per_example_clip_masked_group_wise",
-  "dp_aggregate_masked_group_wise",
-  "microbatch_batch_sharded",
   "clipped_grad_tied_embedding_batch_sharded",
 }
 _COLLECTIVE = re.compile(

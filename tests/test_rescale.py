@@ -143,7 +143,7 @@ def test_float32_long_rows_keep_precision(method):
       d = d / rng.standard_normal(n).astype(np.float32)
     for p in [1.0, 2.0]:
       eps = 0.5 * oracle.max_norm(x, d, p)
-      eta = float(jax.jit(functools.partial(clipjax.rescale, p=p, method=method))(x, d, eps))
+      eta = float(jitted(p, method)(x, d, eps))
       assert eta == pytest.approx(oracle.rescale_sorted(x, d, eps, p), rel=1e-6), (heavy, p)
 
 
@@ -198,8 +198,11 @@ def test_methods_agree_on_image_batch():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("p", P_VALUES)
-@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+@pytest.mark.parametrize(
+  ("p", "method"),
+  # At p = inf every method is the one closed form (rescale maps it to newton).
+  [(p, m) for p in P_VALUES for m in ["newton", "sort", "bisect"] if p < math.inf or m == "newton"],
+)
 def test_edge_cases(p, method):
   f = jitted(p, method)
   x = np.array([0.0, 0.3, 1.0, 0.5, 0.9])
