@@ -38,10 +38,11 @@ def example_loss(params, x, y):
 
 def poisson_sampler(num_examples, expected_batch, steps):
   """Poisson batches of the expected size, padded so that the whole run overflows with
-  probability below δ/1000 (the accountant is told the padding either way)."""
+  probability β below δ·10⁻⁷. The accountants are told the padding either way; RDP's
+  truncation bound needs ``(1 + e^ε)·β < δ``, so it stays finite up to ε ≈ 15."""
   rate = expected_batch / num_examples
   size = expected_batch
-  while steps * clipjax.poisson_overflow_probability(num_examples, rate, size) > DELTA / 1000:
+  while steps * clipjax.poisson_overflow_probability(num_examples, rate, size) > DELTA * 1e-7:
     size += 1
   return clipjax.PoissonSampler(num_examples, rate, size)
 

@@ -42,6 +42,7 @@ import clipjax
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 DELTA = pt.DELTA
 FLAT = pt.Rule("flat", clip_norm=1.0)
@@ -94,6 +95,10 @@ def _plot(rows, baseline, epochs, path):
   right.plot(np.arange(1, epochs + 1), baseline, "k--", label="non-private")
   left.axhline(baseline[-1], color="k", ls="--", label="non-private (final)")
   left.set(xlabel=f"ε spent (PLD, δ = {DELTA:g})", ylabel="test accuracy", xscale="log")
+  # Plain labels at powers of two: the log axis's own minor labels overlap.
+  ticks = [2.0**k for k in range(-2, 4)]
+  left.set_xticks(ticks, [f"{t:g}" for t in ticks])
+  left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   right.set(xlabel="epoch", ylabel="test accuracy")
   left.set_title("DP-SGD on digits: accuracy against privacy spent")
   right.set_title("Poisson batches (expected 64), clip norm 1")
