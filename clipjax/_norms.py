@@ -110,7 +110,7 @@ def _pow2(k, dtype):
   return lax.bitcast_convert_type((k + bias) << info.nmant, dtype)
 
 
-def _times_pow2(v, k):
+def times_pow2(v, k):
   """``v · 2^k`` for normal ``v``, in two exact steps so that neither factor leaves range."""
   half = k // 2
   return v * _pow2(half, v.dtype) * _pow2(k - half, v.dtype)
@@ -132,17 +132,17 @@ def scale_exact(v, k):
   """
   info, _ = _layout(v.dtype)
   subnormal, q, negative = _subnormal_parts(v)
-  from_bits = _times_pow2(q.astype(v.dtype), k + info.minexp - info.nmant)
-  return jnp.where(subnormal, jnp.where(negative, -from_bits, from_bits), _times_pow2(v, k))
+  from_bits = times_pow2(q.astype(v.dtype), k + info.minexp - info.nmant)
+  return jnp.where(subnormal, jnp.where(negative, -from_bits, from_bits), times_pow2(v, k))
 
 
 def _ldexp(unit, exponent):
   """``unit · 2^exponent`` for ``unit >= 0``: ``inf`` past the range, subnormal below it."""
   info, itype = _layout(unit.dtype)
-  big = _times_pow2(unit, exponent)
+  big = times_pow2(unit, exponent)
   # Below the normal range, round unit · 2^(exponent − minexp + nmant) to the integer
   # that is the subnormal's bit pattern.
-  q = jnp.round(_times_pow2(unit, exponent - info.minexp + info.nmant))
+  q = jnp.round(times_pow2(unit, exponent - info.minexp + info.nmant))
   small = lax.bitcast_convert_type(jnp.clip(q, 0, 2**info.nmant).astype(itype), unit.dtype)
   return jnp.where(big < info.tiny, small, big)
 
@@ -285,7 +285,7 @@ def _rows_norm_jvp(p, nb, primals, tangents):
       weight = (y == _bcast(unit, y, nb)).astype(acc) / _bcast(jnp.maximum(count, 1), y, nb)
     else:
       weight = power(y / _bcast(safe, y, nb), p - 1) if p != 1 else jnp.ones_like(y)
-    terms = jnp.sign(v) * weight * _times_pow2(dv.astype(acc), e)
+    terms = jnp.sign(v) * weight * times_pow2(dv.astype(acc), e)
     dunit = dunit + _rows([terms], nb, jnp.sum, unit.shape, acc)
   dunit = jnp.where(unit > 0, dunit, 0)
   return (exponent, unit), (np.zeros(exponent.shape, jax.dtypes.float0), dunit)

@@ -46,7 +46,7 @@ STYLES = ("auto", "explicit")
 _ALSO_WITHOUT_CONTEXT = {
   "perturb_pytree",
   "vmap_rescale_batch_sharded",
-  "dp_aggregate_batch_sharded",
+  "dp_aggregate_masked_group_wise",
   "clipped_grad_tied_embedding_batch_sharded",
 }
 _COLLECTIVE = re.compile(
@@ -309,16 +309,6 @@ def _aggregate(tx):
 _privacy_check(
   "per_example_clip_batch_sharded", lambda g: clipjax.per_example_clip(g, 1.0)[0], True
 )
-_privacy_check(
-  "dp_aggregate_batch_sharded",
-  # Noise before clipping is drawn per example, sharded like the batch; the
-  # noise after the sum is the adaptive check's.
-  _aggregate(clipjax.dp_aggregate(1.0, 0.0, jax.random.key(0), pre_clip_noise=0.3)),
-)
-_privacy_check(
-  "adaptive_dp_aggregate_batch_sharded",
-  _aggregate(clipjax.adaptive_dp_aggregate(1.0, 0.7, jax.random.key(0))),
-)
 _masked_check(
   "per_example_clip_masked_group_wise",
   lambda g, m: clipjax.per_example_clip(g, _GROUPS, scaling="automatic", mask=m)[0],
@@ -326,6 +316,7 @@ _masked_check(
 )
 _masked_check(
   "dp_aggregate_masked_group_wise",
+  # Noise before clipping is drawn per example, sharded like the batch.
   _aggregate(
     clipjax.dp_aggregate(
       _GROUPS, 0.8, jax.random.key(1), pre_clip_noise=0.3, expected_batch_size=30
@@ -338,7 +329,6 @@ _masked_check(
     clipjax.adaptive_dp_aggregate(_GROUPS, 0.7, jax.random.key(2), expected_batch_size=30)
   ),
 )
-_masked_check("clipping_stats_masked", lambda g, m: clipjax.clipping_stats(g, 1.0, mask=m))
 _masked_check(
   "clipping_stats_group_wise", lambda g, m: clipjax.clipping_stats(g, _GROUPS, p=1, mask=m)
 )

@@ -128,11 +128,12 @@ def test_sorted_oracle_matches_oracle():
     )
 
 
-@pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
+@pytest.mark.parametrize("method", ["newton", "bisect"])
 def test_float32_long_rows_keep_precision(method):
   """Sums over 150528 float32 terms (an ImageNet image) stay accurate to ~1e-7.
 
-  A sequential float32 accumulation loses about 1e-5 here.
+  A sequential float32 accumulation loses about 1e-5 here. Not the sort: "auto" picks it
+  only for rows of up to 16,384 elements, and its sums are checked on such rows above.
   """
   rng = np.random.default_rng(12)
   n = 3 * 224 * 224

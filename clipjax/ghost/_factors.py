@@ -188,8 +188,8 @@ def cross(f: Factors, g: Factors, swapped: bool = False) -> Scaled:
     right = inner(f.b, False, g.b, False)
   left = left.astype(right.dtype)
   e_left, e_right = _top_exponent(left), _top_exponent(right)
-  left = _norms._times_pow2(left, -_per_example(e_left, left))
-  right = _norms._times_pow2(right, -_per_example(e_right, right))
+  left = _norms.times_pow2(left, -_per_example(e_left, left))
+  right = _norms.times_pow2(right, -_per_example(e_right, right))
   return Scaled(jnp.sum(left * right, axis=(1, 2, 3)), e_left + e_right)
 
 

@@ -122,11 +122,11 @@ def root(terms) -> _norms.Norms:
   top = terms[0][1].exponent
   for _, t in terms[1:]:
     top = jnp.maximum(top, t.exponent)
-  total = sum(m * _norms._times_pow2(t.value, t.exponent - top) for m, t in terms)
+  total = sum(m * _norms.times_pow2(t.value, t.exponent - top) for m, t in terms)
   # Cancelling cross terms can round a zero norm slightly below zero.
   total = jnp.maximum(total, 0)
   half = top // 2
-  return _norms.Norms(half.astype(jnp.int32), jnp.sqrt(_norms._times_pow2(total, top - 2 * half)))
+  return _norms.Norms(half.astype(jnp.int32), jnp.sqrt(_norms.times_pow2(total, top - 2 * half)))
 
 
 def _masked(x, w: _norms.Weights):
