@@ -7,6 +7,7 @@ ghost machinery involved), then clips, scales, masks and sums in float64 NumPy.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import privacy_oracle
 
 import clipjax
 from clipjax import ghost
@@ -41,14 +42,8 @@ def oracle(grads, clip_norm, group, *, scaling="clip", stability=0.01, mask=None
     sq = sum(np.sum(g.reshape(size, -1) ** 2, axis=1) for g, k in zip(grads, group) if k == j)
     n = np.sqrt(sq) if np.ndim(sq) else np.zeros(size)
     ok = np.isfinite(n) & keep
-    with np.errstate(divide="ignore", invalid="ignore"):
-      if scaling == "clip":
-        f = np.where(n > c, c / n, 1.0)
-      elif scaling == "automatic":
-        f = c / (n + stability)
-      else:
-        f = np.where(n > 0, c / n, 0.0)
-    factors.append(np.where(ok, f, 0.0))
+    # Non-finite and masked examples: their factor is dropped.
+    factors.append(np.where(ok, privacy_oracle.clip_weights(n, c, scaling, stability), 0.0))
     norms.append(np.where(keep, np.where(np.isfinite(n), n, np.inf), 0.0))
   sums = []
   for g, k in zip(grads, group):

@@ -78,3 +78,14 @@ def condition(x, d, eta, p, lower=0.0, upper=1.0, h=1e-7):
   norm = lambda t: norm_after_clip(x, d, t, p, lower, upper)
   slope = (norm(eta * (1 + h)) - norm(eta * (1 - h))) / (2 * h * eta)
   return np.inf if slope <= 0 else norm(eta) / (eta * slope)
+
+
+def finite_difference(f, v, h=1e-6):
+  """Central differences of a scalar function ``f`` at ``v`` (any shape), in float64."""
+  v = np.asarray(v, np.float64)
+  out = np.zeros(v.shape)
+  for i in np.ndindex(v.shape):
+    e = np.zeros(v.shape)
+    e[i] = h
+    out[i] = (f(v + e) - f(v - e)) / (2 * h)
+  return out

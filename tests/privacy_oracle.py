@@ -1,6 +1,17 @@
-"""Independent float64 oracles for privacy accounting tests."""
+"""Independent float64 oracles for the privacy tests: clip weights and accounting."""
 
 import math
+
+import numpy as np
+
+
+def clip_weights(norms, clip_norm, scaling, stability=0.01):
+  """Each example's factor under a scaling rule, from its norm (a float64 array)."""
+  if scaling == "clip":
+    return np.where(norms > clip_norm, clip_norm / np.maximum(norms, 1e-300), 1.0)
+  if scaling == "automatic":
+    return clip_norm / (norms + stability)
+  return np.where(norms > 0, clip_norm / np.maximum(norms, 1e-300), 0.0)
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:

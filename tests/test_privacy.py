@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import privacy_oracle
 import pytest
 from jax import lax
 
@@ -64,18 +65,10 @@ def _vector(tree):
   return _flat(jax.tree.map(lambda x: x[None], tree))[0]
 
 
-def _oracle_weights(norms, clip_norm, scaling, stability=0.01):
-  if scaling == "clip":
-    return np.where(norms > clip_norm, clip_norm / np.maximum(norms, 1e-300), 1.0)
-  if scaling == "automatic":
-    return clip_norm / (norms + stability)
-  return np.where(norms > 0, clip_norm / np.maximum(norms, 1e-300), 0.0)
-
-
 def _oracle_clip(flat, clip_norm, p, scaling="clip", mask=None):
   """Returns ``(clipped, norms)`` of one group's (batch, n) matrix."""
   norms = np.linalg.norm(flat, ord=p, axis=1)
-  weights = _oracle_weights(norms, clip_norm, scaling)
+  weights = privacy_oracle.clip_weights(norms, clip_norm, scaling)
   if mask is not None:
     weights, norms = np.where(mask, weights, 0.0), np.where(mask, norms, 0.0)
   return flat * weights[:, None], norms

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -276,16 +277,6 @@ def test_vmap_with_per_example_eps_agrees_with_jit(p, dtype):
     )
 
 
-def _fd_grad(f, x, h=1e-6):
-  x = np.asarray(x, np.float64)
-  grad = np.zeros(x.size)
-  for i in range(x.size):
-    e = np.zeros(x.size)
-    e[i] = h
-    grad[i] = (f(x + e.reshape(x.shape)) - f(x - e.reshape(x.shape))) / (2 * h)
-  return grad.reshape(x.shape)
-
-
 @pytest.mark.parametrize("p", _PS)
 def test_grad_matches_finite_differences(p):
   loss = lambda w, y, c, eps, lo, hi: jnp.vdot(w, _project(y, c, eps, p=p, lower=lo, upper=hi))
@@ -302,7 +293,9 @@ def test_grad_matches_finite_differences(p):
     grads = grad(w, *args)
     for i in range(5):
       f = lambda v, i=i, w=w, args=args: float(loss(w, *args[:i], v, *args[i + 1 :]))
-      np.testing.assert_allclose(grads[i], _fd_grad(f, args[i]), rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(
+        grads[i], oracle.finite_difference(f, args[i]), rtol=1e-6, atol=1e-7
+      )
   # Where clip(y) is inside the ball the projection is the clip, and so is its Jacobian.
   y = c + np.clip(rng.normal(size=_SHAPE), -0.01, 0.01)
   y[0, :2] = [hi[0, 0] + 0.001, lo[0, 1] - 0.001]

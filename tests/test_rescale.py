@@ -482,16 +482,6 @@ def test_traced_eps_under_jit():
 # ---------------------------------------------------------------------------
 
 
-def finite_difference(f, v, h=1e-6):
-  v = np.asarray(v, np.float64)
-  out = np.zeros(v.shape)
-  for i in np.ndindex(v.shape):
-    e = np.zeros(v.shape)
-    e[i] = h
-    out[i] = (f(v + e) - f(v - e)) / (2 * h)
-  return out
-
-
 def gradient_case(seed, n=12):
   rng = np.random.default_rng(seed)
   x = rng.uniform(0.05, 0.95, n)  # strictly inside, so small moves keep it in the box
@@ -510,10 +500,10 @@ def test_gradients_match_finite_differences(p, method, fraction):
   f = lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo, method=method)
   grads = jax.grad(f, argnums=(0, 1, 2, 3))(x, d, eps, lo)
   numeric = [
-    finite_difference(lambda v: oracle.rescale(v, d, eps, p, lo, 1.0), x),
-    finite_difference(lambda v: oracle.rescale(x, v, eps, p, lo, 1.0), d),
-    finite_difference(lambda v: oracle.rescale(x, d, float(v), p, lo, 1.0), eps),
-    finite_difference(lambda v: oracle.rescale(x, d, eps, p, v, 1.0), lo),
+    oracle.finite_difference(lambda v: oracle.rescale(v, d, eps, p, lo, 1.0), x),
+    oracle.finite_difference(lambda v: oracle.rescale(x, v, eps, p, lo, 1.0), d),
+    oracle.finite_difference(lambda v: oracle.rescale(x, d, float(v), p, lo, 1.0), eps),
+    oracle.finite_difference(lambda v: oracle.rescale(x, d, eps, p, v, 1.0), lo),
   ]
   for g, want in zip(grads, numeric):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-7)
@@ -533,7 +523,7 @@ def test_jacfwd_equals_jacrev_and_vmap_of_grad(p):
     for a, b, c in zip(fwd, rev, per_example):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
       np.testing.assert_allclose(a, c[i], rtol=1e-10, atol=1e-14)
-    fd = finite_difference(lambda v: oracle.rescale(x[i], v, eps[i], p), d[i])
+    fd = oracle.finite_difference(lambda v: oracle.rescale(x[i], v, eps[i], p), d[i])
     np.testing.assert_allclose(rev[1], fd, rtol=1e-5, atol=1e-7)
 
 
@@ -551,7 +541,7 @@ def test_pytree_gradients():
   d = jax.tree.map(lambda v: rng.standard_normal(v.shape), x)
   g = jax.grad(lambda d: clipjax.rescale(x, d, 0.8))(d)
   flat_x, flat_d = oracle.flat(jax.tree.leaves(x)), oracle.flat(jax.tree.leaves(d))
-  fd = finite_difference(lambda v: oracle.rescale(flat_x, v, 0.8, 2), flat_d)
+  fd = oracle.finite_difference(lambda v: oracle.rescale(flat_x, v, 0.8, 2), flat_d)
   np.testing.assert_allclose(oracle.flat(jax.tree.leaves(g)), fd, rtol=1e-5, atol=1e-8)
 
 
