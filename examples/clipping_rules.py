@@ -25,7 +25,6 @@ seeds) and the adaptive clip norms.
     python examples/clipping_rules.py [--out examples/out] [--seeds 3] [--epochs 40] [--smoke]
 """
 
-import argparse
 import math
 import os
 import sys
@@ -93,13 +92,8 @@ def _plot(results, epochs, path):
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
+  parser = pt.arguments(__doc__)
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--epochs", type=int, default=40)
-  parser.add_argument("--batch-size", type=int, default=64, help="the expected batch size")
-  parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
   args = parser.parse_args(argv)
   if args.smoke:
     args.seeds, args.epochs = 1, 2

@@ -25,7 +25,6 @@ batches); the plot shows test accuracy against the ε spent so far.
     python examples/dp_sgd.py [--out examples/out] [--epsilons 1 2 4 8] [--epochs 40] [--smoke]
 """
 
-import argparse
 import os
 import sys
 import time
@@ -111,15 +110,10 @@ def _plot(rows, baseline, epochs, path):
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
+  parser = pt.arguments(__doc__)
   parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-  parser.add_argument("--epochs", type=int, default=40)
-  parser.add_argument("--batch-size", type=int, default=64, help="the expected batch size")
-  parser.add_argument("--learning-rate", type=float, default=3e-3)
   parser.add_argument("--audit-trials", type=int, default=100_000)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
   args = parser.parse_args(argv)
   if args.smoke:
     args.epsilons, args.epochs, args.audit_trials = [4.0], 2, 1_000
