@@ -51,6 +51,17 @@ def _over_multipliers(run, *data):
   return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(MULTIPLIERS, jnp.float32), keys, *data)
 
 
+def _steps(tx, updates, steps, **extra):
+  """``steps`` updates of an adaptive transformation on the same input: each step's
+  output, and the clip norm that step used (the state's before the update)."""
+
+  def step(state, _):
+    out, new_state = tx.update(updates, state, **extra)
+    return new_state, (out, state.clip_norm)
+
+  return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+
+
 def _pre_clip_variance(pre_clip_noise, batch, dim, clip_norm):
   """Variance per coordinate that pre-clip noise adds to the sum of zero gradients.
 
@@ -106,12 +117,7 @@ def test_adaptive_dp_aggregate_default_split(pre_clip_noise):
 
   def run(z, key, grads):
     tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key, pre_clip_noise=pre_clip_noise)
-
-    def step(state, _):
-      out, new_state = tx.update(grads, state)
-      return new_state, (out, state.clip_norm)
-
-    return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+    return _steps(tx, grads, steps)
 
   outs, used = _over_multipliers(run, jnp.zeros((batch, dim), jnp.float32))
   for i, z in enumerate(MULTIPLIERS):
@@ -194,12 +200,7 @@ def test_adaptive_dp_aggregate_group_wise_masked_expected_batch_size():
       clip_learning_rate=0.5,
       target_quantile=0.0,  # three real examples barely move a count over 256
     )
-
-    def step(state, _):
-      out, new_state = tx.update(grads, state, mask=mask)
-      return new_state, (out, state.clip_norm)
-
-    return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+    return _steps(tx, grads, steps, mask=mask)
 
   outs, used = _over_multipliers(run, grads, mask)
   for i, z in enumerate(MULTIPLIERS):
@@ -221,12 +222,7 @@ def test_adaptive_dp_noise_group_wise():
 
   def run(z, key, summed, norms):
     tx = clipjax.adaptive_dp_noise(groups, z, batch, key)
-
-    def step(state, _):
-      out, new_state = tx.update(summed, state, norms=norms)
-      return new_state, (out, state.clip_norm)
-
-    return jax.lax.scan(step, tx.init(None), None, length=steps)[1]
+    return _steps(tx, summed, steps, norms=norms)
 
   outs, used = _over_multipliers(run, summed, norms)
   for i, z in enumerate(MULTIPLIERS):
