@@ -185,8 +185,10 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
   for k, g in zip(in_pass, pass_grads):
     explicit[group_of[k]][k] = g
   terms = [[] for _ in clip_norms]
+  slack = [[] for _ in clip_norms]
   for k, part in parts.items():
     terms[group_of[k]] += part.terms
+    slack[group_of[k]] += part.slack
     if part.explicit is not None:
       explicit[group_of[k]][k] = part.explicit
   clipped = [jnp.zeros_like(leaf) for leaf in leaves]
@@ -195,7 +197,7 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
     counted = {
       k: g for k, g in explicit[j].items() if not (k in parts and parts[k].explicit_in_terms)
     }
-    norm_parts = [_leaves.root(terms[j])] if terms[j] else []
+    norm_parts = [_leaves.root(terms[j], slack[j])] if terms[j] else []
     if counted:
       norm_parts.append(_norms.norms(_pack(counted, in_pass)[0], 2.0, 1, mask))
     if not norm_parts:  # a group the loss does not depend on
