@@ -252,3 +252,55 @@ def test_benign_norms_across_the_float32_range(scale):
   np.testing.assert_allclose(norms, exact, rtol=1e-5)
   if 1e-25 < scale < 1e25:  # where vmap(grad) in float32 is itself in range
     np.testing.assert_allclose(want, exact, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- a canary audit
+
+DELTA = 1e-5
+
+
+@jax.jit
+def _released_scores(total, direction, keys):
+  """``dp_noise``'s release of ``total`` (batch of 8, C = 1, σ = 1) projected on the
+  canary's direction, in units of C / B, one per key."""
+
+  def score(key):
+    tx = clipjax.dp_noise(1.0, 1.0, 8, key)
+    update, _ = tx.update(total, tx.init(total))
+    return jnp.sum(update * direction) * 8
+
+  return jax.vmap(score)(keys)
+
+
+def test_canary_audit_of_clipped_grad_and_dp_noise():
+  """One step at σ = 1 claims ε = 4.73. A crafted canary (two near-identical tokens with
+  opposite cotangents, true gradient norm 25 C) is clipped: the audit stays below the
+  claim. Let through as the uncertified Gram norm (0) let it, unclipped, the same audit
+  certifies far more than the claim."""
+  a = np.float32(3e4) * (1 + np.float32(0.01) * np.sin(np.arange(4, dtype=np.float32) + 1))
+  e = np.eye(4, dtype=np.float32)[0]
+  b = np.full(4, 12.5, np.float32)
+  x = np.zeros((8, 2, 4), np.float32)
+  c = np.zeros((8, 2, 4), np.float32)
+  x[0], c[0] = [a, a + e], [b, -b]
+  x[1:] = np.random.default_rng(8).standard_normal((7, 2, 4))
+  c[1:] = 0.1 * np.random.default_rng(9).standard_normal((7, 2, 4))
+  x, c = jnp.asarray(x), jnp.asarray(c)
+  w = jnp.zeros((4, 4), F32)
+  assert _form(_dense_loss, w, x, c) == ("ghost",)
+  grad_fn = clipjax.clipped_grad(_dense_loss, 1.0)
+  with_canary, _ = grad_fn(w, x, c)
+  without, _ = grad_fn(w, x, c, mask=jnp.arange(8) != 0)
+  raw = np.einsum("pl,pr->lr", np.asarray(x[0], np.float64), np.asarray(c[0], np.float64))
+  assert np.linalg.norm(raw) == pytest.approx(25, rel=1e-3)
+  direction = jnp.asarray(raw / np.linalg.norm(raw), F32)
+
+  claimed = clipjax.dp_epsilon(1.0, 1.0, 1, DELTA)
+  keys = jax.random.split(jax.random.key(10), (4, 100_000))
+  audit = lambda inside, k: clipjax.audit_epsilon(
+    np.asarray(_released_scores(inside, direction, keys[k])),
+    np.asarray(_released_scores(without, direction, keys[k + 1])),
+    DELTA,
+  )
+  assert audit(with_canary, 0) < claimed
+  assert audit(without + jnp.asarray(raw, F32), 2) > claimed
