@@ -303,6 +303,13 @@ def clipped_grad(
   their per-example gradient from the same batched backward pass, as ``vmap(grad)``
   would: exact, at that leaf's share of the per-example cost.
 
+  The norms are certified: each is an upper bound, in the arithmetic actually used,
+  of the norm of what the example contributes to the sum, whatever the input (Gram
+  sums that cancel carry a rigorous bound of their rounding error; factors are scaled
+  by powers of two before any inner product), so a crafted example can be over-clipped
+  but never passes unclipped. On benign data the bound is of the order of the unit
+  roundoff times the layer widths (``ghost._factors`` derives it).
+
   Examples whose gradient is not finite contribute nothing (they are zeroed without
   multiplying NaN by zero) and report an infinite norm; examples masked out contribute
   nothing and report 0, whatever their data (padding may even produce NaN). Norms are

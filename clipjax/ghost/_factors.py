@@ -19,6 +19,31 @@ here works on that form, batched over examples:
   iteration (more blocks);
 * :func:`layout` says which leaf element every ``(h, l, r)`` is, so that two uses can
   be matched.
+
+**Certified norms.** Differential privacy needs every norm that a clip weight is
+computed from to be an *upper bound* of the norm of what enters the sum, for every
+input: a norm that comes out low lets an example through unclipped. Two things make
+the Gram form come out low in floating point, and both are closed here:
+
+* *Range.* :func:`normalize` divides every example's ``a`` and ``b`` by the powers of
+  two of their largest magnitudes (exact) before any inner product, so that no
+  product of four factors overflows or underflows where the norm itself does not;
+  the powers are carried as an exponent.
+* *Cancellation.* ``Σ_{p,q} λ_pq ρ_pq`` cancels (near-identical positions with nearly
+  opposite cotangents), and its rounding error scales with ``Σ|λ_pq ρ_pq|``, not with
+  the result. :func:`cross` and :func:`against` return, next to each value, a bound
+  of its rounding error from Higham's ``γ_n = n·u/(1 − n·u)`` (``u`` the unit
+  roundoff of the accumulation dtype; a sum of ``n`` rounded terms, in any order, is
+  within ``γ_n Σ|terms|`` of the exact sum), derived in their docstrings; and
+  :func:`contraction_slack` bounds how far a use's contribution to the clipped sum,
+  formed by its own contraction, can stray from ``w_i G_i``. ``_leaves.root`` adds the
+  bounds before the square root and the slack after it, so rounding can over-clip an
+  ill-conditioned example but never under-clip one. On benign data the bounds are of
+  the order of ``(l + r)·u`` relative (``l``, ``r`` the inner products' lengths).
+
+Sums of non-negative terms (the explicit gradients' norms, as ``per_example_clip``
+computes them) are trusted to their relative rounding, as any norm is: nothing cancels
+in them.
 """
 
 from __future__ import annotations
