@@ -247,6 +247,32 @@ def normalize(f: Factors) -> Normalized:
   return Normalized(f._replace(a=a, b=b), ea + eb, norm_a, norm_b)
 
 
+def plain(f: Factors, weighted_dtype) -> tuple[Scaled, Scaled]:
+  """The squared norm and contraction slack of a use without positions, on its own.
+
+  ``‖G_h‖ = ‖a_h‖‖b_h‖``: a product of two norms, nothing cancels, so it needs no
+  bound, and the range-safe norms of ``_norms`` (one pass in the common case) replace
+  :func:`normalize`'s scaling passes. The contraction of one outer product per example
+  rounds each entry once or twice: its slack is ``(γ_2 + 3u_w)`` times the norm.
+  """
+  n_b = _norms.norms([f.b[:, :, 0]], 2.0, 2)
+  mantissa, exponent = jnp.frexp(n_b.unit)
+  exponent = exponent + n_b.exponent
+  if not f.indexed:
+    n_a = _norms.norms([f.a[:, :, 0]], 2.0, 2)
+    m_a, e_a = jnp.frexp(n_a.unit)
+    mantissa, exponent = mantissa * m_a, exponent + e_a + n_a.exponent
+  top = jnp.max(exponent, axis=1)
+  units = _norms.times_pow2(mantissa, exponent - top[:, None])  # (batch, H), each <= 1
+  value = jnp.sum(units * units, axis=1)
+  dtype = value.dtype
+  relative = gamma(2, dtype) + 3 * unit_roundoff(weighted_dtype)
+  slack = relative * jnp.sum(units, axis=1) * (1 + gamma(f.blocks + 4, dtype))
+  slack = slack + 4 * float(jnp.finfo(dtype).tiny)
+  zero = jnp.zeros_like(value)
+  return Scaled(value, 2 * top, zero), Scaled(slack, top, zero)
+
+
 def _inexact_length(x, x_indexed, y, y_indexed) -> int:
   """The summation length of :func:`inner`'s products (0 where they are exact picks)."""
   return 0 if x_indexed or y_indexed else x.shape[-1]

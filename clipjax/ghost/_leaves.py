@@ -93,18 +93,33 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     for u, lay in zip(uses, layouts)
   ]
   ghost, relations = _choose(uses, factors, layouts, size)
-  normalized = [_factors.normalize(f) if g else None for f, g in zip(factors, ghost)]
-  terms = []  # (multiplicity, Scaled)
+  weighted = [jnp.result_type(records[u.path][0], cotangents[u.path]) for u in uses]
+  paired = lambda i: any(
+    ghost[j] and relations[min(i, j), max(i, j)] != "disjoint" for j in range(len(uses)) if j != i
+  )
+  # A use without positions, paired with no other, is a product of two norms.
+  alone = [
+    g and f.positions == 1 and not paired(i) and all(ghost)
+    for i, (f, g) in enumerate(zip(factors, ghost))
+  ]
+  normalized = [
+    _factors.normalize(f) if g and not a else None for f, g, a in zip(factors, ghost, alone)
+  ]
+  terms, slack = [], []  # (multiplicity, Scaled); Scaled
+  for i, f in enumerate(factors):
+    if alone[i]:
+      square, s = _factors.plain(f, weighted[i])
+      terms.append((1, square))
+      slack.append(s)
+    elif normalized[i] is not None:
+      slack.append(_factors.contraction_slack(normalized[i], weighted[i]))
   for i, j in itertools.combinations_with_replacement(range(len(uses)), 2):
-    if not (ghost[i] and ghost[j]) or (i != j and relations[i, j] == "disjoint"):
+    if normalized[i] is None or normalized[j] is None:
+      continue
+    if i != j and relations[i, j] == "disjoint":
       continue
     swapped = i != j and relations[i, j] == "swapped"
     terms.append((1 if i == j else 2, _factors.cross(normalized[i], normalized[j], swapped)))
-  slack = [
-    _factors.contraction_slack(n, jnp.result_type(records[u.path][0], cotangents[u.path]))
-    for u, n in zip(uses, normalized)
-    if n is not None
-  ]
 
   explicit = None
   zero = jnp.zeros(leaf.shape, dtype)
