@@ -340,7 +340,7 @@ def restore_checkpoint(
     raise incomplete(f"missing {missing}")
   if not ocp.step.is_path_finalized(path):
     raise incomplete("not finalised by orbax")
-  with _manager(ocp, directory, read_only=True, create=False) as manager:
+  with _manager(ocp, directory, create=False) as manager:
     try:
       meta = manager.restore(latest, args=ocp.args.Composite(privacy=ocp.args.JsonRestore()))
       meta = meta["privacy"]
