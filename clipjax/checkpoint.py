@@ -6,7 +6,7 @@ split once per step. A checkpoint that holds all of that, and the number of step
 taken, resumes the run bit for bit: the steps redone after a crash draw the same
 batches and the same noise as the lost ones, so they release nothing new, and the ε
 of the run is that of its step count, recomputed by the accountant from the
-restored count (:meth:`PrivacyConfig.epsilon`). What must never happen is a resume
+restored count (``PrivacyConfig.epsilon``). What must never happen is a resume
 with new seeds (a second, independent noise draw on steps already released), a step
 count that lags the parameters, or a resume under another configuration; these are
 refused.
@@ -64,7 +64,7 @@ class PrivateTrainingState(NamedTuple):
       (:class:`clipjax.DPNoiseState`), the adaptive clip norm
       (:class:`clipjax.AdaptiveDPNoiseState`), the optimizer's moments.
     data_key: the sampler's key; step ``t`` draws its batch from
-      ``fold_in(data_key, t)`` (:meth:`batch_key`), so the sampler's position is the
+      ``fold_in(data_key, t)`` (``batch_key()``), so the sampler's position is the
       step count and no batch is drawn twice.
     steps: the number of steps taken (released updates), a Python int.
   """
@@ -106,7 +106,7 @@ class PrivacyConfig:
     sampler: the sampler that draws the batches (:class:`clipjax.PoissonSampler`,
       :class:`clipjax.WithoutReplacementSampler`, :class:`clipjax.ShardedPoissonSampler`):
       its parameters are compared on restore, and ``sampler.accounting`` is what
-      :meth:`epsilon` accounts for.
+      ``epsilon`` accounts for.
     delta: the δ of the guarantee.
     extra: other settings that a resumed run must share with the first (learning
       rate, adaptive clipping's target quantile, ...), as JSON data.

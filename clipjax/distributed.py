@@ -11,7 +11,7 @@ here by construction:
    ``num_shards`` shards of equal size, each held whole by one process;
    :class:`ShardedPoissonSampler` draws each shard's part of the batch from
    ``fold_in(key, shard)``, so a process draws only its own shards' examples and reads
-   them from its own rows (:meth:`ShardedPoissonSampler.global_batch`, through
+   them from its own rows (``ShardedPoissonSampler.global_batch``, through
    ``jax.make_array_from_process_local_data``). No example is sent to another process,
    and the batch does not depend on how many processes there are.
 2. **One Gaussian draw for the whole sum.** The noise transformation
@@ -27,7 +27,7 @@ here by construction:
 
 The guarantee assumes: every process starts from the same seeds (data key, noise key,
 initial parameters); process ``p`` holds exactly the shards that the batch sharding
-assigns to it (:meth:`ShardedPoissonSampler.local_shards`), in their global order; and
+assigns to it (``local_shards``), in their global order; and
 the shards partition the dataset into parts of exactly ``shard_size`` examples.
 """
 
@@ -130,8 +130,8 @@ class ShardedPoissonSampler:
   number of processes or devices that hold them.
 
   **Several processes.** Each process holds whole shards: those whose slots the batch
-  sharding puts on its devices (:meth:`local_shards`). It draws only their batches and
-  gathers their rows from its own data (:meth:`global_batch`).
+  sharding puts on its devices (``local_shards``). It draws only their batches and
+  gathers their rows from its own data (``global_batch``).
 
   Attributes:
     num_shards: the number of shards S.
@@ -215,7 +215,7 @@ class ShardedPoissonSampler:
     mask = np.concatenate([np.asarray(m) for _, m in parts])
     return jax.numpy.asarray(indices), jax.numpy.asarray(mask)
 
-  def local_shards(self, sharding: jax.sharding.Sharding) -> range:
+  def local_shards(self, sharding: Any) -> range:
     """The shards this process holds: those whose batch slots ``sharding`` puts on its devices.
 
     Args:
@@ -244,25 +244,25 @@ class ShardedPoissonSampler:
     self,
     key: jax.Array | int,
     local_data: Any,
-    sharding: jax.sharding.Sharding,
+    sharding: Any,
     *,
     debug: bool = False,
   ) -> tuple[Any, jax.Array]:
     """This step's batch as global arrays, built from this process's shards only.
 
     Every process calls it with the same ``key``; each draws its own shards' batches
-    (:meth:`shard`), gathers those rows from ``local_data`` on the host, and
+    (``shard``), gathers those rows from ``local_data`` on the host, and
     contributes them with ``jax.make_array_from_process_local_data``. The result is
-    the batch of :meth:`__call__` (the same examples in the same slots), sharded
+    the batch of ``__call__`` (the same examples in the same slots), sharded
     along its leading axis, without any example leaving the process that holds it.
 
     Args:
       key: the step's sampling key, the same on every process (e.g.
         ``jax.random.fold_in(data_key, step)``).
       local_data: a pytree of host arrays: this process's shards
-        (:meth:`local_shards`) one after the other, ``len(local_shards) · shard_size``
+        (``local_shards``) one after the other, ``len(local_shards) · shard_size``
         rows on every leaf's leading axis.
-      sharding: the batch's sharding, as for :meth:`local_shards`.
+      sharding: the batch's sharding, as for ``local_shards``.
       debug: also check that every process holds the same ``key``
         (:func:`assert_same_across_processes`; a collective).
 
