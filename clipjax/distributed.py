@@ -159,12 +159,11 @@ class ShardedPoissonSampler:
   shard_batch_size: int
 
   def __post_init__(self):
-    object.__setattr__(self, "num_shards", _checks.check_count("num_shards", self.num_shards))
-    # PoissonSampler checks the other three, with the same messages as everywhere.
+    for name in ("num_shards", "shard_size", "shard_batch_size"):
+      object.__setattr__(self, name, _checks.check_count(name, getattr(self, name)))
+    # PoissonSampler checks the rate, with the same message as everywhere.
     shard = PoissonSampler(self.shard_size, self.sample_rate, self.shard_batch_size)
-    object.__setattr__(self, "shard_size", shard.num_examples)
     object.__setattr__(self, "sample_rate", shard.sample_rate)
-    object.__setattr__(self, "shard_batch_size", shard.max_batch_size)
 
   @property
   def shard_sampler(self) -> PoissonSampler:
