@@ -142,7 +142,7 @@ class ShardedPoissonSampler:
 
   Example:
     >>> import jax
-    >>> from clipjax import ShardedPoissonSampler, dp_epsilon
+    >>> from clipjax import ShardedPoissonSampler
     >>> sampler = ShardedPoissonSampler(4, 250, sample_rate=0.02, shard_batch_size=16)
     >>> indices, mask = sampler(jax.random.key(0))  # the global batch, on one process
     >>> indices.shape, sampler.num_examples, sampler.expected_batch_size
@@ -150,7 +150,8 @@ class ShardedPoissonSampler:
     >>> first, second = indices[:16][mask[:16]], indices[16:32][mask[16:32]]
     >>> bool((first < 250).all() and (second >= 250).all() and (second < 500).all())
     True
-    >>> eps = dp_epsilon(1.0, steps=100, delta=1e-5, **sampler.accounting)
+    >>> sampler.accounting["num_examples"], sampler.accounting["max_batch_size"]  # one shard's
+    (250, 16)
   """
 
   num_shards: int

@@ -11,7 +11,8 @@ With ``WAIT=1`` in the environment, the process first imports and compiles
 everything, prints ``ready`` and waits for a line on its standard input before it
 restores (so that a test can start it early). With ``SLOW_SAVE=T``, the save of step T
 waits two seconds before orbax renames its finished temporary directory into place, so
-that a test can kill the process during that save without racing it.
+that a test can kill the process during that save without racing it; with
+``PAUSE_AFTER=T``, the process stops for a minute after step T, for the same reason.
 """
 
 import os
@@ -95,6 +96,8 @@ def main(directory, out):
     params, opt_state = step(state.params, state.opt_state, state.data_key, state.steps)
     state = state._replace(params=params, opt_state=opt_state, steps=state.steps + 1)
     print("step", state.steps, flush=True)
+    if os.environ.get("PAUSE_AFTER") == str(state.steps):
+      time.sleep(60)  # a test kills it here: between two saves, and not after
     if state.steps % SAVE_EVERY == 0:
       print("saving", state.steps, flush=True)
       clipjax.save_checkpoint(directory, state, config)

@@ -101,7 +101,7 @@ def resumed(tmp_path_factory):
   uninterrupted = _start(reference, root / "reference.npz")
   # All start now, so that their imports and compilations overlap; each waits for "go"
   # before it restores.
-  first = _start(directory, root / "unused.npz", WAIT="1")
+  first = _start(directory, root / "unused.npz", WAIT="1", PAUSE_AFTER=str(kill_between))
   second = _start(directory, root / "unused.npz", WAIT="1", SLOW_SAVE=str(kill_during))
   third = _start(directory, root / "resumed.npz", WAIT="1")
   # 1. Killed between two saves: the next run resumes from the last save before it.
