@@ -9,6 +9,13 @@ from clipjax.adaptive import (
   adaptive_dp_noise,
 )
 from clipjax.audit import audit_epsilon
+from clipjax.checkpoint import (
+  PrivacyConfig,
+  PrivateTrainingState,
+  restore_checkpoint,
+  save_checkpoint,
+)
+from clipjax.distributed import ShardedPoissonSampler, assert_same_across_processes
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
 from clipjax.pgd import pgd
@@ -42,10 +49,14 @@ __all__ = [
   "DPAggregateState",
   "DPNoiseState",
   "PoissonSampler",
+  "PrivacyConfig",
+  "PrivateTrainingState",
+  "ShardedPoissonSampler",
   "WithoutReplacementSampler",
   "accumulate",
   "adaptive_dp_aggregate",
   "adaptive_dp_noise",
+  "assert_same_across_processes",
   "audit_epsilon",
   "calibrate_noise",
   "clip_by_norm",
@@ -65,5 +76,7 @@ __all__ = [
   "project_ball_box",
   "random_perturbation",
   "rescale",
+  "restore_checkpoint",
+  "save_checkpoint",
   "sensitivity",
 ]
