@@ -25,10 +25,12 @@ computed from to be an *upper bound* of the norm of what enters the sum, for eve
 input: a norm that comes out low lets an example through unclipped. Two things make
 the Gram form come out low in floating point, and both are closed here:
 
-* *Range.* :func:`normalize` divides every example's ``a`` and ``b`` by the powers of
-  two of their largest magnitudes (exact) before any inner product, so that no
-  product of four factors overflows or underflows where the norm itself does not;
-  the powers are carried as an exponent.
+* *Range.* Where some example's factors lie outside the range in which products of
+  four of them stay representable (read off the Gram diagonals that the norms need
+  anyway, so the common case costs nothing), :func:`scaled` divides every example's
+  ``a`` and ``b`` by the powers of two of their largest magnitudes (exact) before any
+  inner product, and the Gram form is taken again; the powers are carried as an
+  exponent.
 * *Cancellation.* ``Σ_{p,q} λ_pq ρ_pq`` cancels (near-identical positions with nearly
   opposite cotangents), and its rounding error scales with ``Σ|λ_pq ρ_pq|``, not with
   the result. :func:`cross` and :func:`against` return, next to each value, a bound
@@ -233,18 +235,54 @@ def _per_example(v, like):
   return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
 
-def normalize(f: Factors) -> Normalized:
-  """``f`` scaled per example so that no inner product of its factors leaves the float
-  range (the Gram form multiplies four of them), with the norms of its positions."""
+def scaled(f: Factors) -> tuple[Factors, jax.Array]:
+  """``f`` divided per example by the powers of two of its factors' largest magnitudes
+  (exact), and the exponent that undoes it: no inner product of four such factors
+  leaves the float range."""
   eb = _top_exponent(f.b)
   b = _norms.times_pow2(f.b, -_per_example(eb, f.b))
-  norm_b = jnp.sqrt(jnp.sum(b * b, axis=-1))
   if f.indexed:
-    return Normalized(f._replace(b=b), eb, jnp.ones_like(norm_b), norm_b)
+    return f._replace(b=b), eb
   ea = _top_exponent(f.a)
-  a = _norms.times_pow2(f.a, -_per_example(ea, f.a))
-  norm_a = jnp.sqrt(jnp.sum(a * a, axis=-1))
-  return Normalized(f._replace(a=a, b=b), ea + eb, norm_a, norm_b)
+  return f._replace(a=_norms.times_pow2(f.a, -_per_example(ea, f.a)), b=b), ea + eb
+
+
+def _diagonal_norms(gram, length: int):
+  """Upper bounds of the norms ``‖x_p‖`` from a Gram matrix's computed diagonal."""
+  d = jnp.diagonal(gram, axis1=-2, axis2=-1)
+  dtype = gram.dtype
+  widened = (d + length * float(jnp.finfo(dtype).tiny)) / (1 - gamma(length, dtype))
+  return jnp.sqrt(jnp.maximum(widened, 0)) * (1 + 2 * unit_roundoff(dtype))
+
+
+def own(f: Factors, exponent) -> tuple[Normalized, Scaled, jax.Array]:
+  """A use's own squared norm ``⟨G_i, G_i⟩``, certified (see :func:`cross`), with the
+  norms of its positions read off its Gram diagonals, and whether every example's
+  factors lay in the range where the Gram form needs no scaling first.
+
+  ``exponent`` is what :func:`scaled` returned, or None for factors as they are.
+  """
+  left = inner(f.a, f.indexed, f.a, f.indexed).astype(f.b.dtype)
+  right = inner(f.b, False, f.b, False)
+  if f.indexed:
+    norm_a = jnp.ones(right.shape[:3], right.dtype)
+  else:
+    norm_a = _diagonal_norms(left, f.size_l)
+  n = Normalized(f, exponent, norm_a, _diagonal_norms(right, f.size_r))
+  if exponent is None:
+    n = n._replace(exponent=jnp.zeros(right.shape[0], jnp.int32))
+  # Squared position norms within 2^±w (w half the exponent range, less the room a
+  # million products need) keep every Gram product and sum in range.
+  w = (jnp.finfo(right.dtype).maxexp - 28) // 2
+  in_range = jnp.ones((), bool)
+  for gram in (right,) if f.indexed else (left, right):
+    top = jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=(1, 2))
+    in_range &= jnp.all((top == 0) | ((top >= 2.0**-w) & (top <= 2.0**w)))
+  return n, _term(n, n, left, right, _self_pairs(f)), in_range
+
+
+def _self_pairs(f):
+  return ((f.a, f.indexed, f.a, f.indexed), (f.b, False, f.b, False))
 
 
 def plain(f: Factors, weighted_dtype) -> tuple[Scaled, Scaled]:
@@ -252,7 +290,7 @@ def plain(f: Factors, weighted_dtype) -> tuple[Scaled, Scaled]:
 
   ``‖G_h‖ = ‖a_h‖‖b_h‖``: a product of two norms, nothing cancels, so it needs no
   bound, and the range-safe norms of ``_norms`` (one pass in the common case) replace
-  :func:`normalize`'s scaling passes. The contraction of one outer product per example
+  the Gram form. The contraction of one outer product per example
   rounds each entry once or twice: its slack is ``(γ_2 + 3u_w)`` times the norm.
   """
   n_b = _norms.norms([f.b[:, :, 0]], 2.0, 2)
@@ -299,7 +337,9 @@ def cross(f: Normalized, g: Normalized, swapped: bool = False) -> Scaled:
   every sum formed from the ``P x Q`` products already in memory (the last by
   Cauchy–Schwarz from the spreads). The bound is then widened by the rounding of its
   own evaluation (``γ`` of its length) and by an absolute floor for results flushed to
-  zero (every magnitude here is at most ``l·r``, the factors being scaled below 1). A
+  zero (each flushed operation errs by at most ``tiny``, carried through the other
+  factor: ``tiny·(l Σ|ρ̂| + r Σ|λ̂| + n)``, the position norms being read off the Gram
+  diagonals, widened by their own rounding and flushes). A
   single outer product of one use with itself (no positions) is a product of two sums
   of squares: nothing cancels, its relative rounding is that of any norm, and it
   carries no bound.
@@ -307,31 +347,36 @@ def cross(f: Normalized, g: Normalized, swapped: bool = False) -> Scaled:
   fa, ga = f.factors, g.factors
   if swapped:
     pairs = ((fa.a, fa.indexed, ga.b, False), (fa.b, False, ga.a, ga.indexed))
-    norms = ((f.norm_a, g.norm_b), (f.norm_b, g.norm_a))
   else:
     pairs = ((fa.a, fa.indexed, ga.a, ga.indexed), (fa.b, False, ga.b, False))
-    norms = ((f.norm_a, g.norm_a), (f.norm_b, g.norm_b))
   left, right = (inner(*pair) for pair in pairs)
-  left = left.astype(right.dtype)
+  return _term(f, g, left.astype(right.dtype), right, pairs, swapped)
+
+
+def _term(f: Normalized, g: Normalized, left, right, pairs, swapped=False) -> Scaled:
+  """:func:`cross` from its two Gram products (see there)."""
   products = left * right
   value = jnp.sum(products, axis=(1, 2, 3))
   dtype = right.dtype
   exponent = f.exponent + g.exponent
-  if f is g and fa.positions == 1:
+  if f is g and f.factors.positions == 1:
     return Scaled(value, exponent, jnp.zeros_like(value))
+  if swapped:
+    norms = ((f.norm_a, g.norm_b), (f.norm_b, g.norm_a))
+  else:
+    norms = ((f.norm_a, g.norm_a), (f.norm_b, g.norm_b))
   n_left, n_right = (_inexact_length(*pair) for pair in pairs)
   n = math.prod(products.shape[1:])
   g_n, g_l, g_r = gamma(n, dtype), gamma(n_left, dtype), gamma(n_right, dtype)
-  left_norms, right_norms = _outer(*norms[0]), _outer(*norms[1])
-  error = g_n * jnp.abs(products)
+  abs_left, abs_right = jnp.abs(left), jnp.abs(right)
+  error = g_n * jnp.abs(products) + g_r * abs_left * _outer(*norms[1])
   if n_left:
-    error = error + g_l * left_norms * jnp.abs(right)
-  error = error + g_r * jnp.abs(left) * right_norms
-  bound = jnp.sum(error, axis=(1, 2, 3)) + g_l * g_r * jnp.sum(f.spread * g.spread, axis=1)
-  own = gamma(n_left + n_right + n + fa.positions + ga.positions + 16, dtype)
+    error = error + g_l * _outer(*norms[0]) * abs_right
   tiny = float(jnp.finfo(dtype).tiny)
-  floor = 4 * (n_left + n_right + n + 16) * (1 + n_left) * (1 + n_right) * tiny
-  return Scaled(value, exponent, bound * (1 + own) / (1 - g_n) + floor)
+  error = error + tiny * (n_left * abs_right + n_right * abs_left + 1)
+  bound = jnp.sum(error, axis=(1, 2, 3)) + g_l * g_r * jnp.sum(f.spread * g.spread, axis=1)
+  widen = gamma(n_left + n_right + n + f.factors.positions + g.factors.positions + 16, dtype)
+  return Scaled(value, exponent, bound * (1 + widen) / (1 - g_n) + 16 * tiny)
 
 
 def contraction_slack(f: Normalized, weighted_dtype) -> Scaled:
@@ -401,8 +446,10 @@ def against(f: Normalized, s, s_exponent, s_norm) -> Scaled:
     sb = jnp.einsum("bhlr,bhpr->bhpl", s, fa.b, precision=_HIGHEST)
     value = jnp.sum(sb * fa.a, axis=(1, 2, 3))
     n = fa.size_r + fa.blocks * fa.positions * fa.size_l + 1
-  own = gamma(n + fa.positions + fa.size_l + fa.size_r + 16, dtype)
-  floor = 4 * (n + 16) * (1 + fa.size_l) * (1 + fa.size_r) * float(jnp.finfo(dtype).tiny)
+  widen = gamma(n + fa.positions + fa.size_l + fa.size_r + 16, dtype)
   spread = jnp.sum(f.spread, axis=1)
-  bound = gamma(n, dtype) * s_norm * spread * (1 + own) + floor
+  # Flushed operations err by at most tiny each, carried through |a| <= sqrt(L)‖a_p‖.
+  reach = jnp.sum(f.norm_a, axis=(1, 2)) * math.sqrt(fa.size_l) * fa.size_r
+  floor = 4 * float(jnp.finfo(dtype).tiny) * (reach + n + 16)
+  bound = gamma(n, dtype) * s_norm * spread * (1 + widen) + floor
   return Scaled(value, f.exponent + s_exponent, bound)

@@ -97,30 +97,6 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
   paired = lambda i: any(
     ghost[j] and relations[min(i, j), max(i, j)] != "disjoint" for j in range(len(uses)) if j != i
   )
-  # A use without positions, paired with no other, is a product of two norms.
-  alone = [
-    g and f.positions == 1 and not paired(i) and all(ghost)
-    for i, (f, g) in enumerate(zip(factors, ghost))
-  ]
-  normalized = [
-    _factors.normalize(f) if g and not a else None for f, g, a in zip(factors, ghost, alone)
-  ]
-  terms, slack = [], []  # (multiplicity, Scaled); Scaled
-  for i, f in enumerate(factors):
-    if alone[i]:
-      square, s = _factors.plain(f, weighted[i])
-      terms.append((1, square))
-      slack.append(s)
-    elif normalized[i] is not None:
-      slack.append(_factors.contraction_slack(normalized[i], weighted[i]))
-  for i, j in itertools.combinations_with_replacement(range(len(uses)), 2):
-    if normalized[i] is None or normalized[j] is None:
-      continue
-    if i != j and relations[i, j] == "disjoint":
-      continue
-    swapped = i != j and relations[i, j] == "swapped"
-    terms.append((1 if i == j else 2, _factors.cross(normalized[i], normalized[j], swapped)))
-
   explicit = None
   zero = jnp.zeros(leaf.shape, dtype)
   for u, f, g in zip(uses, factors, ghost):
@@ -129,20 +105,64 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     _, back = jax.vjp(lambda v, u=u: _factors.to_blocks(u, v), zero)
     part = jax.vmap(lambda blocks, back=back: back(blocks)[0])(_factors.explicit(f))
     explicit = part if explicit is None else explicit + part
-  mixed = explicit is not None and bool(terms)
-  if mixed:
+  # A use without positions, paired with no other, is a product of two norms.
+  alone = [
+    g and f.positions == 1 and not paired(i) and explicit is None
+    for i, (f, g) in enumerate(zip(factors, ghost))
+  ]
+  gram = [i for i in range(len(uses)) if ghost[i] and not alone[i]]
+  terms, slack = [], []  # (multiplicity, Scaled); Scaled
+  for i in range(len(uses)):
+    if alone[i]:
+      square, s = _factors.plain(factors[i], weighted[i])
+      terms.append((1, square))
+      slack.append(s)
+  if gram:
+    # As the factors are, unless some example's lie out of the Gram form's range;
+    # then again, scaled by powers of two (the cond runs only one branch).
+    first, in_range = _gram_terms(uses, factors, gram, relations, weighted, explicit, False)
+    multiplicities = [m for m, _ in first[0]]
+    parts = lax.cond(
+      in_range,
+      lambda: ([t for _, t in first[0]], first[1]),
+      lambda: (lambda r: ([t for _, t in r[0]], r[1]))(
+        _gram_terms(uses, factors, gram, relations, weighted, explicit, True)[0]
+      ),
+    )
+    terms += list(zip(multiplicities, parts[0]))
+    slack += parts[1]
+  mixed = explicit is not None and bool(gram)
+  return Leaf(terms, slack, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+
+
+def _gram_terms(uses, factors, gram, relations, weighted, explicit, scale):
+  """The Gram-form terms and slacks of the uses ``gram`` (indices), with the explicit
+  part's if any, and whether all factors lay in range."""
+  prepared, terms, slack = {}, [], []
+  in_range = jnp.ones((), bool)
+  for i in gram:
+    f, exponent = _factors.scaled(factors[i]) if scale else (factors[i], None)
+    n, term, ok = _factors.own(f, exponent)
+    prepared[i] = n
+    in_range &= ok
+    terms.append((1, term))
+    slack.append(_factors.contraction_slack(n, weighted[i]))
+  for i, j in itertools.combinations(gram, 2):
+    if relations[i, j] != "disjoint":
+      swapped = relations[i, j] == "swapped"
+      terms.append((2, _factors.cross(prepared[i], prepared[j], swapped)))
+  if explicit is not None:
     # The explicit part enters as it is computed: its own squared norm (a sum of
     # squares, nothing cancels) and its inner products with the ghost uses (bounded).
     own = _norms.norms([explicit], 2.0, 1)
     e = own.exponent
-    for u, n in zip(uses, normalized):
-      if n is not None:
-        blocks = jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit)
-        blocks = _norms.times_pow2(blocks, -e.reshape((-1,) + (1,) * (blocks.ndim - 1)))
-        terms.append((2, _factors.against(n, blocks, e, own.unit)))
+    for i in gram:
+      blocks = jax.vmap(lambda s, u=uses[i]: _factors.to_blocks(u, s))(explicit)
+      blocks = _norms.times_pow2(blocks, -e.reshape((-1,) + (1,) * (blocks.ndim - 1)))
+      terms.append((2, _factors.against(prepared[i], blocks, e, own.unit)))
     square = own.unit * own.unit
     terms.append((1, _factors.Scaled(square, 2 * e, jnp.zeros_like(square))))
-  return Leaf(terms, slack, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+  return (terms, slack), in_range
 
 
 def root(terms, slack=()) -> _norms.Norms:
