@@ -216,9 +216,17 @@ def accumulate(
     )
 
     def emit(summed, buffers, inner_state):
-      total = jax.tree.map(lambda s, u: s.astype(u.dtype), summed, updates)
+      # The total goes in unrounded (at least float32): rounding it to a half-precision
+      # leaf dtype before the noise would move it by up to half an ulp of the sum, far
+      # more than the clip norm the noise is calibrated to. The output and the inner
+      # state come back in the dtypes they would have had.
       logical = jax.tree.map(lambda b: jnp.reshape(b, (-1,) + b.shape[2:]), buffers)
-      return inner.update(total, inner_state, params, **extra, **logical)
+      out, new_state = inner.update(summed, inner_state, params, **extra, **logical)
+      out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
+      new_state = jax.tree.map(
+        lambda s, old: s.astype(jnp.result_type(old)), new_state, inner_state
+      )
+      return out, new_state
 
     shapes = jax.eval_shape(emit, summed, buffers, state.inner_state)[0]
 

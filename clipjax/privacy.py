@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _checks, _norms
+from clipjax import _checks, _gaussian, _norms
 
 
 class DPAggregateState(NamedTuple):
@@ -179,18 +179,55 @@ def _sensitivity(clip_norm) -> jax.Array:
 
 
 def _noisy_mean(summed, stddev, divisor, key):
-  """``(summed + N(0, stddev²·I)) / divisor``, leaf dtypes kept; no draw for a Python 0."""
-  if _checks.is_static_zero(stddev):
-    return jax.tree.map(lambda s: (s / divisor).astype(s.dtype), summed)
-  noise = optax.tree.random_like(key, summed)
-  return jax.tree.map(lambda s, z: ((s + stddev * z) / divisor).astype(s.dtype), summed, noise)
+  """``(summed + N(0, stddev²·I)) / divisor`` leaf by leaf, through ``_gaussian.noisy``.
+
+  The noise is drawn and added in float32 (float64 for float64 leaves) and each leaf is
+  cast to its dtype only at the end; a Python zero ``stddev`` draws nothing.
+  """
+  leaves, treedef = jax.tree.flatten(summed)
+  keys = [None] * len(leaves)
+  if not _checks.is_static_zero(stddev) and leaves:
+    keys = list(jax.random.split(key, len(leaves)))
+  out = [_gaussian.noisy(s, stddev, k, divisor) for s, k in zip(leaves, keys)]
+  return treedef.unflatten(out)
+
+
+def _check_noise(clip_norm, noise_multiplier, name: str = "clip_norm") -> None:
+  """Refuses what would release the sum with no noise, or with infinite noise.
+
+  ``noise_multiplier`` must be finite and ``>= 0``; every clip norm finite and ``>= 0``,
+  and not all zero when ``noise_multiplier > 0`` (a zero sensitivity draws no noise).
+  Traced values are checked by ``_valid_stddev`` instead.
+  """
+  _checks.check_nonnegative("noise_multiplier", noise_multiplier, finite=True)
+  leaves = jax.tree.leaves(clip_norm)
+  for leaf in leaves:
+    _checks.check_nonnegative(name, leaf, finite=True)
+  if not _checks.is_concrete((leaves, noise_multiplier)):
+    return
+  if float(noise_multiplier) > 0 and all(float(c) == 0 for c in leaves):
+    raise ValueError(
+      f"{name} must be > 0 when noise_multiplier > 0 (a zero clip norm scales the noise to "
+      f"zero and releases the input as it is); got {clip_norm!r}."
+    )
+
+
+def _valid_stddev(stddev, noise_multiplier, clip_norm, sensitivity):
+  """``stddev``, or NaN where traced values break ``_check_noise``'s rules."""
+  z = jnp.asarray(noise_multiplier)
+  leaves = [jnp.asarray(c) for c in jax.tree.leaves(clip_norm)]
+  ok = (z >= 0) & jnp.isfinite(z) & jnp.isfinite(sensitivity) & ((sensitivity > 0) | (z == 0))
+  for c in leaves:
+    ok = ok & (c >= 0)
+  return jnp.where(ok, stddev, jnp.nan)
 
 
 def _noise_stddev(noise_multiplier, clip_norm):
-  """``z · sensitivity(C)``, or a Python zero (no draw) when ``z`` is a Python zero."""
+  """``z · sensitivity(C)``, NaN for bad traced values; a Python zero for a Python zero ``z``."""
   if _checks.is_static_zero(noise_multiplier):
     return 0.0
-  return noise_multiplier * _sensitivity(clip_norm)
+  sensitivity = _sensitivity(clip_norm)
+  return _valid_stddev(noise_multiplier * sensitivity, noise_multiplier, clip_norm, sensitivity)
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +429,7 @@ def dp_aggregate(
     Geometric Perspective <https://arxiv.org/abs/2006.15429>`_, NeurIPS 2020.
   """
   p = _check_clipping(p, clip_norm, scaling, stability)
-  _checks.check_nonnegative("noise_multiplier", noise_multiplier)
+  _check_noise(clip_norm, noise_multiplier)
   _checks.check_nonnegative("pre_clip_noise", pre_clip_noise)
   if expected_batch_size is not None:
     _checks.check_positive("expected_batch_size", expected_batch_size, finite=True)
@@ -459,7 +496,7 @@ def dp_noise(
     <https://arxiv.org/abs/1607.00133>`_, CCS 2016.
   """
   _checks.check_clip_norm(clip_norm)
-  _checks.check_nonnegative("noise_multiplier", noise_multiplier)
+  _check_noise(clip_norm, noise_multiplier)
   _checks.check_positive("batch_size", batch_size, finite=True)
   initial_key = _checks.canonical_key(key)
 
