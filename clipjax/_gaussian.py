@@ -2,7 +2,7 @@ r"""Gaussian noise for the privacy mechanisms: a far tail, no low-precision draw
 
 Every noise path of clipjax (:func:`clipjax.dp_noise`, :func:`clipjax.dp_aggregate`,
 the adaptive transformations and the count noise of adaptive clipping, and through them
-:func:`clipjax.accumulate` and the sums of :func:`clipjax.microbatch`) calls
+:func:`clipjax.accumulate`, which hands its float32 logical sum to them) calls
 :func:`noisy`: the noise is drawn in float32 (float64 for a float64 value, when x64
 is on), added to the value in that precision, divided, and only the result is cast
 to the value's dtype. Drawing in bfloat16 would give 128 distinct values and nothing
@@ -32,14 +32,16 @@ per sampled step, a δ of the order users target (Mironov 2012; Jin et al. 2022)
   either), which map the octant :math:`[0, \pi/4)` onto the whole circle, and the
   other 29 bits (61 in float64) the angle :math:`\varphi` in the octant, at a cell's
   midpoint. ``cos φ`` and ``sin φ`` are their Taylor polynomials to degree 10 and 9
-  (truncation below 5e-10 on the octant, under float32's rounding); float64 uses
+  (truncation below 2e-9 on the octant, under float32's rounding); float64 uses
   ``cos`` and ``sin``.
 
 The pair is :math:`R(\cos\varphi, \sin\varphi)` under that symmetry. With an exact
 uniform radius and angle it would be two independent standard normals; here the
 radius has :math:`2^{64}` cells and the angle :math:`2^{32}`, which makes the draws
 discrete at float32 resolution but not in the tail: a far draw is a coarse radius
-times a fine cosine, not one of a few levels.
+times a fine cosine, not one of a few levels. (Near 0 the angle's cells show instead:
+no cosine is below :math:`\sin(\pi/2^{32}) \approx 7\cdot 10^{-10}`, so draws within
+about 1e-9σ of 0 are thinned, a mass below 1e-9 that float32 sums rarely resolve.)
 
 **The edge.** The largest output is the largest radius,
 :math:`\sqrt{-2\log 2^{-65}} =` ``EDGE`` (about 9.4926). Beyond it, only the
@@ -54,8 +56,8 @@ edge adds, per step,
 1.0e-17 at :math:`z = 1` (3.4e-14 at :math:`z = 0.5`), which
 :func:`clipjax.dp_epsilon` adds to δ for every step. :func:`edge_delta` computes it
 with float64 math from :math:`E` rounded down (a lower edge is the conservative
-side). The radius is cut at ``EDGE``: the sampler's density is the Gaussian's less a
-part of total mass :math:`2^{-65}`.
+side). With exact cells, the radius cut at ``EDGE`` makes the sampler's density the
+Gaussian's less a part of total mass :math:`2^{-65}`.
 
 References:
   Mironov, `On Significance of the Least Significant Bits for Differential Privacy
