@@ -40,15 +40,15 @@ def _sum_multiplier(z, count_stddev, groups=1):
   return (z**-2 - groups * (2 * count_stddev) ** -2) ** -0.5
 
 
-def _over_multipliers(run, *data):
-  """``run(z, key, *data)`` for every z in MULTIPLIERS, vmapped and compiled once.
+def _over_multipliers(run, *data, multipliers=MULTIPLIERS):
+  """``run(z, key, *data)`` for every z in ``multipliers``, vmapped and compiled once.
 
   The data are arguments, not constants closed over: XLA would constant-fold their
   norms at compile time.
   """
-  keys = jax.random.split(jax.random.key(len(MULTIPLIERS)), len(MULTIPLIERS))
+  keys = jax.random.split(jax.random.key(len(multipliers)), len(multipliers))
   spec = (0, 0) + (None,) * len(data)
-  return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(MULTIPLIERS, jnp.float32), keys, *data)
+  return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(multipliers, jnp.float32), keys, *data)
 
 
 def _steps(tx, updates, steps, **extra):
@@ -297,6 +297,7 @@ def test_accumulate_adaptive_group_wise():
 # those of float32 Gaussian noise cast to the leaf's dtype. Noise drawn in bfloat16
 # would take 128 distinct values and none beyond 2.89σ.
 HALF = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+HALF_MULTIPLIERS = [0.5, 3.0]  # below and above 1
 DISTINCT = 1 << 17  # draws whose distinct values and tail are compared
 
 
@@ -313,8 +314,8 @@ def _float32_cast_once(scale, dtype, seed):
 
 
 def _assert_half_precision_noise(outs, scales, label):
-  """``outs[name][i]``: the noise for ``MULTIPLIERS[i]``, of standard deviation ``scales[i]``."""
-  for i, z in enumerate(MULTIPLIERS):
+  """``outs[name][i]``: the noise at ``HALF_MULTIPLIERS[i]``, with std ``scales[i]``."""
+  for i, z in enumerate(HALF_MULTIPLIERS):
     for name, dtype in HALF.items():
       got = np.asarray(outs[name][i])
       assert got.dtype == dtype, (label, name)
@@ -341,8 +342,8 @@ def test_half_precision_dp_noise():
     tx = clipjax.dp_noise(clip_norm, z, batch, key)
     return tx.update(summed, tx.init(None))[0]
 
-  outs = _over_multipliers(run, _half_tree())
-  _assert_half_precision_noise(outs, [z * clip_norm / batch for z in MULTIPLIERS], "dp_noise")
+  outs = _over_multipliers(run, _half_tree(), multipliers=HALF_MULTIPLIERS)
+  _assert_half_precision_noise(outs, [z * clip_norm / batch for z in HALF_MULTIPLIERS], "dp_noise")
 
 
 def test_half_precision_dp_aggregate():
@@ -352,8 +353,8 @@ def test_half_precision_dp_aggregate():
     tx = clipjax.dp_aggregate(clip_norm, z, key)
     return tx.update(grads, tx.init(None))[0]
 
-  outs = _over_multipliers(run, _half_tree(batch))
-  scales = [z * clip_norm / batch for z in MULTIPLIERS]
+  outs = _over_multipliers(run, _half_tree(batch), multipliers=HALF_MULTIPLIERS)
+  scales = [z * clip_norm / batch for z in HALF_MULTIPLIERS]
   _assert_half_precision_noise(outs, scales, "dp_aggregate")
 
 
@@ -364,8 +365,8 @@ def test_half_precision_adaptive_dp_aggregate():
     tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key, count_noise_stddev=count_stddev)
     return tx.update(grads, tx.init(None))[0]
 
-  outs = _over_multipliers(run, _half_tree(batch))
-  scales = [_sum_multiplier(z, count_stddev) * clip_norm / batch for z in MULTIPLIERS]
+  outs = _over_multipliers(run, _half_tree(batch), multipliers=HALF_MULTIPLIERS)
+  scales = [_sum_multiplier(z, count_stddev) * clip_norm / batch for z in HALF_MULTIPLIERS]
   _assert_half_precision_noise(outs, scales, "adaptive_dp_aggregate")
 
 
@@ -376,8 +377,8 @@ def test_half_precision_adaptive_dp_noise():
     tx = clipjax.adaptive_dp_noise(clip_norm, z, batch, key)
     return tx.update(summed, tx.init(None), norms=norms)[0]
 
-  outs = _over_multipliers(run, _half_tree(), jnp.zeros(batch))
-  scales = [_sum_multiplier(z, batch / 20) * clip_norm / batch for z in MULTIPLIERS]
+  outs = _over_multipliers(run, _half_tree(), jnp.zeros(batch), multipliers=HALF_MULTIPLIERS)
+  scales = [_sum_multiplier(z, batch / 20) * clip_norm / batch for z in HALF_MULTIPLIERS]
   _assert_half_precision_noise(outs, scales, "adaptive_dp_noise")
 
 
@@ -391,6 +392,6 @@ def test_half_precision_accumulate():
       out, state = tx.update(params, state, params)
     return out
 
-  outs = _over_multipliers(run, _half_tree())
-  scales = [z * clip_norm / logical for z in MULTIPLIERS]
+  outs = _over_multipliers(run, _half_tree(), multipliers=HALF_MULTIPLIERS)
+  scales = [z * clip_norm / logical for z in HALF_MULTIPLIERS]
   _assert_half_precision_noise(outs, scales, "accumulate")
