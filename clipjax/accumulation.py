@@ -138,7 +138,10 @@ def accumulate(
   Poisson sampling). The wrapper adds up the clipped sums of ``num_batches``
   successive updates and returns zeros for the first ``num_batches − 1``, so the
   parameters do not move; the last one hands the total to ``tx``, which adds its
-  noise once and steps its optimizer once, and its output is returned.
+  noise once and steps its optimizer once, and its output is returned. The total is
+  handed over in at least float32, so that half-precision leaves are not rounded
+  before the noise (which would move the sum by more than the clip norm); ``tx``'s
+  output and state are cast back to the dtypes they had.
 
   Why not optax's accumulation (optax issues #515 and #527): ``optax.MultiSteps``
   around :func:`clipjax.dp_aggregate` averages the per-example gradient arrays of

@@ -219,10 +219,10 @@ def adaptive_dp_noise(
   ``count_noise_stddev`` is given, none on the counts.
 
   Args:
-    initial_clip_norm: the first clip norm, ``> 0``; a pytree of them (a prefix of the
-      gradients) adapts every group on its own.
-    noise_multiplier: :math:`z >= 0`, the multiplier of the equivalent single Gaussian
-      query (the one to give to :func:`clipjax.dp_epsilon`).
+    initial_clip_norm: the first clip norm, ``> 0`` and finite; a pytree of them (a
+      prefix of the gradients) adapts every group on its own.
+    noise_multiplier: :math:`z >= 0`, finite, the multiplier of the equivalent single
+      Gaussian query (the one to give to :func:`clipjax.dp_epsilon`).
     batch_size: :math:`B > 0`, the number of examples the sum stands for (the EXPECTED
       batch size under Poisson sampling, the logical batch's under
       :func:`clipjax.accumulate`); it divides the sum and the counts.
@@ -230,7 +230,7 @@ def adaptive_dp_noise(
     target_quantile: :math:`\gamma \in [0, 1]`, the fraction of examples that should
       end up unclipped.
     clip_learning_rate: :math:`\eta_C >= 0`, the geometric step size.
-    count_noise_stddev: :math:`\sigma_b >= 0` of every count; ``None`` gives
+    count_noise_stddev: :math:`\sigma_b >= 0` of every count, finite; ``None`` gives
       :math:`B/20` (0 when :math:`z = 0`).
 
   Returns:
@@ -323,15 +323,15 @@ def adaptive_dp_aggregate(
   (a ``ValueError`` for concrete values, NaN updates for traced ones).
 
   Args:
-    initial_clip_norm: the first clip norm, ``> 0``; or a pytree prefix of the
-      gradients with one per group.
-    noise_multiplier: :math:`z >= 0`, the multiplier of the equivalent single
+    initial_clip_norm: the first clip norm, ``> 0`` and finite; or a pytree prefix of
+      the gradients with one per group.
+    noise_multiplier: :math:`z >= 0`, finite, the multiplier of the equivalent single
       Gaussian query (the one to give to :func:`clipjax.dp_epsilon`).
     key: a typed PRNG key, a raw ``uint32`` key or an int seed.
     target_quantile: :math:`\gamma \in [0, 1]`, the fraction of examples that
       should end up unclipped.
     clip_learning_rate: :math:`\eta_C >= 0`, the geometric step size.
-    count_noise_stddev: :math:`\sigma_b >= 0`; ``None`` gives :math:`B'/20` (0 when
+    count_noise_stddev: :math:`\sigma_b >= 0`, finite; ``None`` gives :math:`B'/20` (0 when
       :math:`z = 0`), with :math:`B'` the divisor below.
     pre_clip_noise: :math:`k >= 0`, as in :func:`clipjax.dp_aggregate`.
     expected_batch_size: :math:`B' > 0`, the divisor of the sum and the counts
