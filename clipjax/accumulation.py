@@ -138,7 +138,10 @@ def accumulate(
   Poisson sampling). The wrapper adds up the clipped sums of ``num_batches``
   successive updates and returns zeros for the first ``num_batches − 1``, so the
   parameters do not move; the last one hands the total to ``tx``, which adds its
-  noise once and steps its optimizer once, and its output is returned.
+  noise once and steps its optimizer once, and its output is returned. The total is
+  handed over in at least float32, so that half-precision leaves are not rounded
+  before the noise (which would move the sum by more than the clip norm); ``tx``'s
+  output and state are cast back to the dtypes they had.
 
   Why not optax's accumulation (optax issues #515 and #527): ``optax.MultiSteps``
   around :func:`clipjax.dp_aggregate` averages the per-example gradient arrays of
@@ -216,9 +219,17 @@ def accumulate(
     )
 
     def emit(summed, buffers, inner_state):
-      total = jax.tree.map(lambda s, u: s.astype(u.dtype), summed, updates)
+      # The total goes in unrounded (at least float32): rounding it to a half-precision
+      # leaf dtype before the noise would move it by up to half an ulp of the sum, far
+      # more than the clip norm the noise is calibrated to. The output and the inner
+      # state come back in the dtypes they would have had.
       logical = jax.tree.map(lambda b: jnp.reshape(b, (-1,) + b.shape[2:]), buffers)
-      return inner.update(total, inner_state, params, **extra, **logical)
+      out, new_state = inner.update(summed, inner_state, params, **extra, **logical)
+      out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
+      new_state = jax.tree.map(
+        lambda s, old: s.astype(jnp.result_type(old)), new_state, inner_state
+      )
+      return out, new_state
 
     shapes = jax.eval_shape(emit, summed, buffers, state.inner_state)[0]
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipjax import _checks
-from clipjax.privacy import _clipped_sum, _noisy_mean, _sensitivity
+from clipjax import _checks, _gaussian
+from clipjax.privacy import _clipped_sum, _noisy_mean, _sensitivity, _valid_stddev
 
 
 class AdaptiveDPAggregateState(NamedTuple):
@@ -85,7 +85,9 @@ def _sum_multiplier(noise_multiplier, count_stddev, groups: int):
 
 def _check_adaptive(initial_clip_norm, noise_multiplier, target_quantile, clip_learning_rate):
   _checks.check_clip_norm(initial_clip_norm, "initial_clip_norm", positive=True)
-  _checks.check_nonnegative("noise_multiplier", noise_multiplier)
+  for c in jax.tree.leaves(initial_clip_norm):
+    _checks.check_positive("initial_clip_norm", c, finite=True)
+  _checks.check_nonnegative("noise_multiplier", noise_multiplier, finite=True)
   _checks.check_interval("target_quantile", target_quantile, 0.0, 1.0)
   _checks.check_nonnegative("clip_learning_rate", clip_learning_rate)
 
@@ -111,9 +113,7 @@ def _adapted(clip_norm, norms, mask, count_stddev, divisor, target_quantile, lr,
     if mask is not None:
       centred = jnp.where(mask, centred, 0)
     count = jnp.sum(centred)
-    if not _checks.is_static_zero(count_stddev):
-      count = count + count_stddev * jax.random.normal(k, (), c.dtype)
-    fraction = jnp.clip(count / divisor + 0.5, 0.0, 1.0)
+    fraction = jnp.clip(_gaussian.noisy(count, count_stddev, k, divisor) + 0.5, 0.0, 1.0)
     new.append((c * jnp.exp(-lr * (fraction - target_quantile))).astype(c.dtype))
   return prefix.unflatten(new)
 
@@ -136,7 +136,10 @@ def _step(summed, norms, mask, clip_norm, key, h: _Hyper):
   if _checks.is_static_zero(z):
     stddev = 0.0
   else:
-    stddev = _sum_multiplier(z, count_stddev, groups) * _sensitivity(clip_norm)
+    sensitivity = _sensitivity(clip_norm)
+    stddev = _valid_stddev(
+      _sum_multiplier(z, count_stddev, groups) * sensitivity, z, clip_norm, sensitivity
+    )
   updates = _noisy_mean(summed, stddev, h.divisor, noise_key)
   new = _adapted(
     clip_norm,
@@ -216,10 +219,10 @@ def adaptive_dp_noise(
   ``count_noise_stddev`` is given, none on the counts.
 
   Args:
-    initial_clip_norm: the first clip norm, ``> 0``; a pytree of them (a prefix of the
-      gradients) adapts every group on its own.
-    noise_multiplier: :math:`z >= 0`, the multiplier of the equivalent single Gaussian
-      query (the one to give to :func:`clipjax.dp_epsilon`).
+    initial_clip_norm: the first clip norm, ``> 0`` and finite; a pytree of them (a
+      prefix of the gradients) adapts every group on its own.
+    noise_multiplier: :math:`z >= 0`, finite, the multiplier of the equivalent single
+      Gaussian query (the one to give to :func:`clipjax.dp_epsilon`).
     batch_size: :math:`B > 0`, the number of examples the sum stands for (the EXPECTED
       batch size under Poisson sampling, the logical batch's under
       :func:`clipjax.accumulate`); it divides the sum and the counts.
@@ -227,7 +230,7 @@ def adaptive_dp_noise(
     target_quantile: :math:`\gamma \in [0, 1]`, the fraction of examples that should
       end up unclipped.
     clip_learning_rate: :math:`\eta_C >= 0`, the geometric step size.
-    count_noise_stddev: :math:`\sigma_b >= 0` of every count; ``None`` gives
+    count_noise_stddev: :math:`\sigma_b >= 0` of every count, finite; ``None`` gives
       :math:`B/20` (0 when :math:`z = 0`).
 
   Returns:
@@ -257,7 +260,7 @@ def adaptive_dp_noise(
   _check_adaptive(initial_clip_norm, noise_multiplier, target_quantile, clip_learning_rate)
   _checks.check_positive("batch_size", batch_size, finite=True)
   if count_noise_stddev is not None:
-    _checks.check_nonnegative("count_noise_stddev", count_noise_stddev)
+    _checks.check_nonnegative("count_noise_stddev", count_noise_stddev, finite=True)
   groups = len(jax.tree.leaves(initial_clip_norm))
   _check_split(
     noise_multiplier,
@@ -320,15 +323,15 @@ def adaptive_dp_aggregate(
   (a ``ValueError`` for concrete values, NaN updates for traced ones).
 
   Args:
-    initial_clip_norm: the first clip norm, ``> 0``; or a pytree prefix of the
-      gradients with one per group.
-    noise_multiplier: :math:`z >= 0`, the multiplier of the equivalent single
+    initial_clip_norm: the first clip norm, ``> 0`` and finite; or a pytree prefix of
+      the gradients with one per group.
+    noise_multiplier: :math:`z >= 0`, finite, the multiplier of the equivalent single
       Gaussian query (the one to give to :func:`clipjax.dp_epsilon`).
     key: a typed PRNG key, a raw ``uint32`` key or an int seed.
     target_quantile: :math:`\gamma \in [0, 1]`, the fraction of examples that
       should end up unclipped.
     clip_learning_rate: :math:`\eta_C >= 0`, the geometric step size.
-    count_noise_stddev: :math:`\sigma_b >= 0`; ``None`` gives :math:`B'/20` (0 when
+    count_noise_stddev: :math:`\sigma_b >= 0`, finite; ``None`` gives :math:`B'/20` (0 when
       :math:`z = 0`), with :math:`B'` the divisor below.
     pre_clip_noise: :math:`k >= 0`, as in :func:`clipjax.dp_aggregate`.
     expected_batch_size: :math:`B' > 0`, the divisor of the sum and the counts
@@ -359,7 +362,7 @@ def adaptive_dp_aggregate(
   _check_adaptive(initial_clip_norm, noise_multiplier, target_quantile, clip_learning_rate)
   _checks.check_nonnegative("pre_clip_noise", pre_clip_noise)
   if count_noise_stddev is not None:
-    _checks.check_nonnegative("count_noise_stddev", count_noise_stddev)
+    _checks.check_nonnegative("count_noise_stddev", count_noise_stddev, finite=True)
   if expected_batch_size is not None:
     _checks.check_positive("expected_batch_size", expected_batch_size, finite=True)
   groups = len(jax.tree.leaves(initial_clip_norm))

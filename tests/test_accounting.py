@@ -23,14 +23,23 @@ def _rdp_poisson(sigma, q, steps):
   return accountant
 
 
+# clipjax's noise never exceeds sqrt(-2 log 2^-65) standard deviations (rounded down
+# to 4 decimals); the accountant spends P(N > edge − 1/z) of δ per step on that edge.
+_EDGE = math.floor(math.sqrt(130 * math.log(2)) * 1e4) / 1e4
+
+
+def _edge_delta(z, steps):
+  return steps * 0.5 * math.erfc((_EDGE - 1 / z) / math.sqrt(2))
+
+
 def _direct_epsilon(sigma, q, steps, delta):
-  return _rdp_poisson(sigma, q, steps).get_epsilon(delta)
+  return _rdp_poisson(sigma, q, steps).get_epsilon(delta - _edge_delta(sigma, steps))
 
 
-def _direct_pld(event, steps, delta=DELTA):
+def _direct_pld(event, steps, sigma, delta=DELTA):
   accountant = pld.PLDAccountant(value_discretization_interval=1e-3)
   accountant.compose(event, steps)
-  return accountant.get_epsilon(delta)
+  return accountant.get_epsilon(delta - _edge_delta(sigma, steps))
 
 
 # -- Poisson, RDP: the default, positional as in the design contract.
@@ -60,7 +69,7 @@ def test_epsilon_is_monotone_and_infinite_without_noise():
 def test_poisson_pld_matches_dp_accounting_and_is_tighter(sigma, q, steps):
   event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
   eps = dp_epsilon(sigma, q, steps, DELTA, sampling="poisson", accountant="pld")
-  assert eps == pytest.approx(_direct_pld(event, steps), rel=1e-12)
+  assert eps == pytest.approx(_direct_pld(event, steps, sigma), rel=1e-12)
   assert eps < dp_epsilon(sigma, q, steps, DELTA, sampling="poisson", accountant="rdp")
 
 
@@ -83,7 +92,7 @@ def test_truncated_poisson_pld_matches_dp_accounting():
   eps = dp_epsilon(sigma, q, steps, DELTA, accountant="pld", num_examples=n, max_batch_size=size)
   # The accounting covers the dataset and its neighbours: datasets of up to n + 1.
   event = dp_accounting.TruncatedSubsampledGaussianDpEvent(n + 1, q, size, sigma)
-  assert eps == pytest.approx(_direct_pld(event, steps), rel=1e-12)
+  assert eps == pytest.approx(_direct_pld(event, steps, sigma), rel=1e-12)
   untruncated = dp_epsilon(sigma, q, steps, DELTA, accountant="pld")
   assert eps > untruncated
   # Overflow impossible (more slots than examples): exactly the untruncated ε.
@@ -138,7 +147,8 @@ def test_without_replacement_rdp_matches_dp_accounting(n, b, sigma, steps):
     dp_accounting.SampledWithoutReplacementDpEvent(n, b, dp_accounting.GaussianDpEvent(sigma / 2)),
     steps,
   )
-  assert eps == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-12)
+  expected = accountant.get_epsilon(DELTA - _edge_delta(sigma / 2, steps))
+  assert eps == pytest.approx(expected, rel=1e-12)
   assert eps > dp_epsilon(sigma, b / n, steps, DELTA, sampling="poisson")
 
 
@@ -265,3 +275,13 @@ def test_rdp_leaves_out_diverging_orders_quietly(caplog):
     eps = dp_epsilon(0.5, 0.0475, steps=10, delta=1e-5)
   assert math.isfinite(eps) and eps > 0
   assert not [r for r in caplog.records if r.name == "absl"]
+
+
+def test_the_noise_edge_is_spent_from_delta():
+  # At σ = 0.3 the edge alone spends steps · P(N > 9.49 − 3.33) = 3.7e-10 per step:
+  # 10^4 steps leave nothing of δ = 1e-6, and 10 steps leave δ − 3.7e-9.
+  assert _edge_delta(0.3, 1) == pytest.approx(3.7e-10, rel=0.05)
+  assert dp_epsilon(0.3, 0.01, 10_000, 1e-6) == math.inf
+  eps = dp_epsilon(0.3, 0.01, 10, 1e-6)
+  assert eps == pytest.approx(_direct_epsilon(0.3, 0.01, 10, 1e-6), rel=1e-12)
+  assert eps > _rdp_poisson(0.3, 0.01, 10).get_epsilon(1e-6)

@@ -40,15 +40,15 @@ def _sum_multiplier(z, count_stddev, groups=1):
   return (z**-2 - groups * (2 * count_stddev) ** -2) ** -0.5
 
 
-def _over_multipliers(run, *data):
-  """``run(z, key, *data)`` for every z in MULTIPLIERS, vmapped and compiled once.
+def _over_multipliers(run, *data, multipliers=MULTIPLIERS):
+  """``run(z, key, *data)`` for every z in ``multipliers``, vmapped and compiled once.
 
   The data are arguments, not constants closed over: XLA would constant-fold their
   norms at compile time.
   """
-  keys = jax.random.split(jax.random.key(len(MULTIPLIERS)), len(MULTIPLIERS))
+  keys = jax.random.split(jax.random.key(len(multipliers)), len(multipliers))
   spec = (0, 0) + (None,) * len(data)
-  return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(MULTIPLIERS, jnp.float32), keys, *data)
+  return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(multipliers, jnp.float32), keys, *data)
 
 
 def _steps(tx, updates, steps, **extra):
@@ -288,3 +288,110 @@ def test_accumulate_adaptive_group_wise():
     scale = _sum_multiplier(z, logical / 20, groups=2) * math.sqrt(5.0) / logical
     x = np.concatenate([np.asarray(outs[g][i], np.float64) for g in groups]) / scale
     _assert_standard_normal(x, f"z={z}")
+
+
+# ---------------------------------------------------------------------------- half precision
+
+# The noise of bfloat16 and float16 leaves is drawn in float32, added and divided there,
+# and cast once: its standard deviation, its tail and its number of distinct values are
+# those of float32 Gaussian noise cast to the leaf's dtype. Noise drawn in bfloat16
+# would take 128 distinct values and none beyond 2.89σ.
+HALF = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+HALF_MULTIPLIERS = [0.5, 3.0]  # below and above 1
+DISTINCT = 1 << 17  # draws whose distinct values and tail are compared
+
+
+def _half_tree(batch=None):
+  shape = (DRAWS,) if batch is None else (batch, DRAWS)
+  return {name: jnp.zeros(shape, dtype) for name, dtype in HALF.items()}
+
+
+def _float32_cast_once(scale, dtype, seed):
+  """Float32 Gaussian noise of ``scale``, cast to ``dtype``, as float64 values."""
+  rng = np.random.default_rng(seed)
+  noise = (rng.standard_normal(DISTINCT).astype(np.float32) * np.float32(scale)).astype(np.float32)
+  return np.asarray(jnp.asarray(noise).astype(dtype), np.float64)
+
+
+def _assert_half_precision_noise(outs, scales, label):
+  """``outs[name][i]``: the noise at ``HALF_MULTIPLIERS[i]``, with std ``scales[i]``."""
+  for i, z in enumerate(HALF_MULTIPLIERS):
+    for name, dtype in HALF.items():
+      got = np.asarray(outs[name][i])
+      assert got.dtype == dtype, (label, name)
+      values = got.astype(np.float64)
+      _assert_standard_normal(values / scales[i], f"{label} {name} z={z}")
+      head = values[:DISTINCT]
+      ref = _float32_cast_once(scales[i], dtype, seed=i)
+      # Distinct values: a few thousand (bfloat16) or tens of thousands (float16), from
+      # the same rounding of the same distribution; they agree to a few percent.
+      distinct, ref_distinct = np.unique(head).size, np.unique(ref).size
+      assert abs(distinct / ref_distinct - 1) < 0.05, (label, name, z, distinct, ref_distinct)
+      # The tail: about 354 draws beyond 3σ (Poisson bounds of five standard deviations),
+      # and a largest draw beyond 3.8σ (expected 4.4σ), like the reference's.
+      for sample in (head, ref):
+        beyond = int(np.sum(np.abs(sample) > 3 * scales[i]))
+        assert 260 < beyond < 450, (label, name, z, beyond)
+        assert np.max(np.abs(sample)) > 3.8 * scales[i], (label, name, z)
+
+
+def test_half_precision_dp_noise():
+  batch, clip_norm = 4, 1.5
+
+  def run(z, key, summed):
+    tx = clipjax.dp_noise(clip_norm, z, batch, key)
+    return tx.update(summed, tx.init(None))[0]
+
+  outs = _over_multipliers(run, _half_tree(), multipliers=HALF_MULTIPLIERS)
+  _assert_half_precision_noise(outs, [z * clip_norm / batch for z in HALF_MULTIPLIERS], "dp_noise")
+
+
+def test_half_precision_dp_aggregate():
+  batch, clip_norm = 2, 1.0
+
+  def run(z, key, grads):
+    tx = clipjax.dp_aggregate(clip_norm, z, key)
+    return tx.update(grads, tx.init(None))[0]
+
+  outs = _over_multipliers(run, _half_tree(batch), multipliers=HALF_MULTIPLIERS)
+  scales = [z * clip_norm / batch for z in HALF_MULTIPLIERS]
+  _assert_half_precision_noise(outs, scales, "dp_aggregate")
+
+
+def test_half_precision_adaptive_dp_aggregate():
+  batch, clip_norm, count_stddev = 2, 1.0, 4.0
+
+  def run(z, key, grads):
+    tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key, count_noise_stddev=count_stddev)
+    return tx.update(grads, tx.init(None))[0]
+
+  outs = _over_multipliers(run, _half_tree(batch), multipliers=HALF_MULTIPLIERS)
+  scales = [_sum_multiplier(z, count_stddev) * clip_norm / batch for z in HALF_MULTIPLIERS]
+  _assert_half_precision_noise(outs, scales, "adaptive_dp_aggregate")
+
+
+def test_half_precision_adaptive_dp_noise():
+  batch, clip_norm = 64, 2.0
+
+  def run(z, key, summed, norms):
+    tx = clipjax.adaptive_dp_noise(clip_norm, z, batch, key)
+    return tx.update(summed, tx.init(None), norms=norms)[0]
+
+  outs = _over_multipliers(run, _half_tree(), jnp.zeros(batch), multipliers=HALF_MULTIPLIERS)
+  scales = [_sum_multiplier(z, batch / 20) * clip_norm / batch for z in HALF_MULTIPLIERS]
+  _assert_half_precision_noise(outs, scales, "adaptive_dp_noise")
+
+
+def test_half_precision_accumulate():
+  k, logical, clip_norm = 2, 4.0, 1.0
+
+  def run(z, key, params):
+    tx = clipjax.accumulate(clipjax.dp_noise(clip_norm, z, logical, key), k)
+    state = tx.init(params)
+    for _ in range(k):
+      out, state = tx.update(params, state, params)
+    return out
+
+  outs = _over_multipliers(run, _half_tree(), multipliers=HALF_MULTIPLIERS)
+  scales = [z * clip_norm / logical for z in HALF_MULTIPLIERS]
+  _assert_half_precision_noise(outs, scales, "accumulate")

@@ -20,6 +20,8 @@ from clipjax import (
   ClippingStats,
   DPAggregateState,
   DPNoiseState,
+  adaptive_dp_aggregate,
+  adaptive_dp_noise,
   clipping_stats,
   dp_aggregate,
   dp_noise,
@@ -601,3 +603,70 @@ def test_dp_noise_validates():
     dp_noise({"a": 1.0, "b": -2.0}, 1.0, 4, key=0)
   with pytest.raises(ValueError, match="noise_multiplier"):
     dp_noise(1.0, np.nan, 4, key=0)
+
+
+# ------------------------------------------------------------ refusals of bad noise settings
+
+
+def _noise_factories():
+  """``name: (build(clip_norm, z), run(tx))`` for every transformation that adds noise."""
+  per_example = jnp.ones((2, 3), jnp.float32)
+  summed = jnp.ones(3, jnp.float32)
+  norms = jnp.ones(2, jnp.float32)
+  return {
+    "dp_noise": (
+      lambda c, z: dp_noise(c, z, 4, key=0),
+      lambda tx: tx.update(summed, tx.init(None))[0],
+    ),
+    "dp_aggregate": (
+      lambda c, z: dp_aggregate(c, z, key=0),
+      lambda tx: tx.update(per_example, tx.init(None))[0],
+    ),
+    "adaptive_dp_noise": (
+      lambda c, z: adaptive_dp_noise(c, z, 4, key=0, count_noise_stddev=2.0),
+      lambda tx: tx.update(summed, tx.init(None), norms=norms)[0],
+    ),
+    "adaptive_dp_aggregate": (
+      lambda c, z: adaptive_dp_aggregate(c, z, key=0, count_noise_stddev=2.0),
+      lambda tx: tx.update(per_example, tx.init(None))[0],
+    ),
+  }
+
+
+BAD_NOISE = [
+  ("noise_multiplier", 1.0, -1.0),
+  ("noise_multiplier", 1.0, np.nan),
+  ("noise_multiplier", 1.0, np.inf),
+  ("clip_norm", 0.0, 1.0),
+  ("clip_norm", -1.0, 1.0),
+  ("clip_norm", np.nan, 1.0),
+  ("clip_norm", np.inf, 1.0),
+]
+
+
+@pytest.mark.parametrize("name", list(_noise_factories()))
+def test_noise_transforms_refuse_bad_settings(name):
+  build, _ = _noise_factories()[name]
+  for argument, c, z in BAD_NOISE:
+    with pytest.raises(ValueError, match=argument):
+      build(c, z)
+    with pytest.raises(ValueError, match=argument):  # NumPy and JAX scalars alike
+      build(jnp.float32(c), np.float32(z))
+  if name.startswith("dp_"):
+    with pytest.raises(ValueError, match="clip_norm must be > 0 when noise_multiplier > 0"):
+      build({"a": 0.0, "b": 0.0}, 0.5)  # group-wise, all zero
+    build({"a": 0.0, "b": 1.0}, 0.5)  # one group may be zero
+    build(0.0, 0.0)  # no noise, nothing to scale
+  build(1.0, 0.0)
+
+
+@pytest.mark.parametrize("name", list(_noise_factories()))
+def test_noise_transforms_give_nan_for_bad_traced_settings(name):
+  build, run = _noise_factories()[name]
+  cases = BAD_NOISE + [("", 1.0, 0.5), ("", 2.0, 0.0)]
+  c = jnp.asarray([case[1] for case in cases], jnp.float32)
+  z = jnp.asarray([case[2] for case in cases], jnp.float32)
+  out = np.asarray(jax.jit(jax.vmap(lambda c, z: run(build(c, z))))(c, z))
+  bad = len(BAD_NOISE)
+  assert np.all(np.isnan(out[:bad])), out[:bad]
+  assert np.all(np.isfinite(out[bad:]))
