@@ -1,6 +1,6 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
-from clipjax.accounting import calibrate_noise, dp_epsilon
+from clipjax.accounting import calibrate_noise, dp_epsilon, privacy_statement
 from clipjax.accumulation import AccumulateState, accumulate, microbatch
 from clipjax.adaptive import (
   AdaptiveDPAggregateState,
@@ -9,6 +9,15 @@ from clipjax.adaptive import (
   adaptive_dp_noise,
 )
 from clipjax.audit import audit_epsilon
+from clipjax.correlated import (
+  CorrelatedNoiseState,
+  MFStrategy,
+  banded_strategy,
+  blt_strategy,
+  calibrate_correlated_noise,
+  correlated_epsilon,
+  correlated_noise,
+)
 from clipjax.ghost import clipped_grad
 from clipjax.perturbation import perturb, random_perturbation
 from clipjax.pgd import pgd
@@ -25,7 +34,9 @@ from clipjax.privacy import (
 from clipjax.projection import project_ball_box
 from clipjax.rescale import max_norm, rescale
 from clipjax.sampling import (
+  CyclicPoissonSampler,
   PoissonSampler,
+  UserSampler,
   WithoutReplacementSampler,
   poisson_overflow_probability,
   poisson_sample,
@@ -35,13 +46,22 @@ from clipjax.transforms import clip_by_norm, clipping_aware_normalize
 __version__ = "0.1.0"
 
 __all__ = [
+  "correlated_noise",
+  "correlated_epsilon",
+  "calibrate_correlated_noise",
+  "blt_strategy",
+  "banded_strategy",
+  "MFStrategy",
+  "CorrelatedNoiseState",
   "AccumulateState",
   "AdaptiveDPAggregateState",
   "AdaptiveDPNoiseState",
   "ClippingStats",
+  "CyclicPoissonSampler",
   "DPAggregateState",
   "DPNoiseState",
   "PoissonSampler",
+  "UserSampler",
   "WithoutReplacementSampler",
   "accumulate",
   "adaptive_dp_aggregate",
@@ -62,6 +82,7 @@ __all__ = [
   "pgd",
   "poisson_overflow_probability",
   "poisson_sample",
+  "privacy_statement",
   "project_ball_box",
   "random_perturbation",
   "rescale",
