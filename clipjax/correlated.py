@@ -107,7 +107,9 @@ def _jax_privacy():
 class MFStrategy:
   """A lower-triangular Toeplitz strategy ``C`` for ``steps`` steps, from ``jax_privacy``.
 
-  Build one with :func:`banded_strategy` or :func:`blt_strategy`.
+  Build one with :func:`banded_strategy` or :func:`blt_strategy` (optimized by
+  ``jax_privacy``), or from given parameters with :meth:`from_banded_coefs` and
+  :meth:`from_blt` (no optimization).
 
   Attributes:
     kind: ``"banded"`` or ``"blt"``.
@@ -121,6 +123,40 @@ class MFStrategy:
   steps: int
   coefs: np.ndarray
   blt: Any = None
+
+  @classmethod
+  def from_banded_coefs(cls, steps: int, coefs: Any) -> MFStrategy:
+    """A banded Toeplitz strategy with these first-column entries, scaled to unit norm.
+
+    Example:
+      >>> from clipjax import MFStrategy
+      >>> MFStrategy.from_banded_coefs(10, [2.0, 1.0, 1.0, 1.0]).coefs.round(4).tolist()
+      [0.7559, 0.378, 0.378, 0.378]
+    """
+    n = _checks.check_count("steps", steps)
+    coefs = np.asarray(coefs, np.float64).reshape(-1)
+    if not 1 <= coefs.size <= n or not np.all(np.isfinite(coefs)) or not np.any(coefs):
+      raise ValueError(f"coefs must be 1 to steps = {n} finite numbers, not all 0; got {coefs}.")
+    return cls("banded", n, coefs / np.linalg.norm(coefs))
+
+  @classmethod
+  def from_blt(cls, steps: int, blt: Any) -> MFStrategy:
+    """A strategy from a ``jax_privacy`` ``BufferedToeplitz`` (e.g. one optimized before).
+
+    Example:
+      >>> import jax
+      >>> from jax_privacy.matrix_factorization.buffered_toeplitz import BufferedToeplitz
+      >>> from clipjax import MFStrategy
+      >>> with jax.enable_x64(True):
+      ...   blt = BufferedToeplitz.build(buf_decay=[0.9], output_scale=[0.5])
+      >>> MFStrategy.from_blt(4, blt).coefs.round(4).tolist()
+      [1.0, 0.5, 0.45, 0.405]
+    """
+    _jax_privacy()
+    n = _checks.check_count("steps", steps)
+    with jax.enable_x64(True):
+      coefs = np.asarray(blt.toeplitz_coefs(n), np.float64)
+    return cls("blt", n, coefs, blt)
 
   @property
   def bands(self) -> int | None:
@@ -155,7 +191,8 @@ class MFStrategy:
     (at most ``ceil(steps / cycle_length)`` of them), from ``jax_privacy``."""
     jp = _jax_privacy()
     b = _checks.check_count("cycle_length", cycle_length)
-    with jax.enable_x64(True):
+    # Concrete even where the noise transformation is built inside a traced function.
+    with jax.ensure_compile_time_eval(), jax.enable_x64(True):
       squared = jp.matrix_factorization.toeplitz.minsep_sensitivity_squared(
         jnp.asarray(self.coefs, jnp.float64), min_sep=b, n=self.steps
       )
@@ -208,8 +245,8 @@ def blt_strategy(
   cycle_length`` and ``max_participations = ceil(steps / cycle_length)`` (mean error
   over the prefix sums), in float64. The noise ``C⁻¹ z`` is generated with a few
   buffers per parameter, whatever the number of steps. Its ε is not amplified by
-  sampling (see the module docstring). Optimization takes seconds to a minute on a CPU
-  for a thousand steps.
+  sampling (see the module docstring). Optimization takes about a minute on a CPU,
+  mostly compilation: reuse the strategy (or its ``blt``, :meth:`MFStrategy.from_blt`).
 
   Args:
     steps: n, the number of training steps.
@@ -221,11 +258,10 @@ def blt_strategy(
   Returns:
     A :class:`MFStrategy`.
 
-  Example:
-    >>> from clipjax import blt_strategy
-    >>> strategy = blt_strategy(steps=24, cycle_length=4, max_buffers=2)
-    >>> strategy.kind, strategy.coefs.shape, float(strategy.coefs[0])
-    ('blt', (24,), 1.0)
+  Example::
+
+    strategy = clipjax.blt_strategy(steps=840, cycle_length=21)  # about a minute
+    strategy.blt  # BufferedToeplitz(buf_decay=[0.938...], output_scale=[0.521...])
   """
   jp = _jax_privacy()
   n = _checks.check_count("steps", steps)
@@ -241,8 +277,7 @@ def blt_strategy(
       max_buffers=max_buffers,
       **optimize_kwargs,
     )
-    coefs = np.asarray(strategy.toeplitz_coefs(n), np.float64)
-  return MFStrategy("blt", n, coefs, strategy)
+  return MFStrategy.from_blt(n, strategy)
 
 
 class _Mechanism(NamedTuple):
@@ -331,7 +366,7 @@ def correlated_epsilon(
   Example:
     >>> from clipjax import CyclicPoissonSampler, banded_strategy, correlated_epsilon
     >>> sampler = CyclicPoissonSampler(num_examples=1000, cycle_length=4, sample_rate=0.25)
-    >>> strategy = banded_strategy(steps=40, bands=4)
+    >>> strategy = banded_strategy(steps=40, bands=4)  # optimized by jax_privacy
     >>> round(correlated_epsilon(strategy, 1.0, 1e-5, **sampler.accounting), 2)
     5.97
   """
@@ -365,10 +400,10 @@ def calibrate_correlated_noise(
     σ as a Python float.
 
   Example:
-    >>> from clipjax import CyclicPoissonSampler, banded_strategy
+    >>> from clipjax import CyclicPoissonSampler, MFStrategy
     >>> from clipjax import calibrate_correlated_noise, correlated_epsilon
     >>> sampler = CyclicPoissonSampler(num_examples=1000, cycle_length=4, sample_rate=0.25)
-    >>> strategy = banded_strategy(steps=40, bands=4)
+    >>> strategy = MFStrategy.from_banded_coefs(40, [1.0, 0.5, 0.4, 0.3])
     >>> sigma = calibrate_correlated_noise(strategy, 2.0, 1e-5, **sampler.accounting)
     >>> correlated_epsilon(strategy, sigma, 1e-5, **sampler.accounting) <= 2.0
     True
@@ -448,9 +483,9 @@ def correlated_noise(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from clipjax import CyclicPoissonSampler, banded_strategy, correlated_noise
+    >>> from clipjax import CyclicPoissonSampler, MFStrategy, correlated_noise
     >>> sampler = CyclicPoissonSampler(num_examples=100, cycle_length=2, sample_rate=0.5)
-    >>> strategy = banded_strategy(steps=10, bands=2)
+    >>> strategy = MFStrategy.from_banded_coefs(10, [1.0, 0.5])
     >>> tx = correlated_noise(
     ...   strategy, 1.0, 1.0, sampler.expected_batch_size, 0, **sampler.accounting
     ... )
