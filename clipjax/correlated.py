@@ -467,7 +467,8 @@ def correlated_noise(
   Args:
     strategy: a :class:`MFStrategy` (:func:`banded_strategy` or :func:`blt_strategy`).
     clip_norm: the clip norm of the sums (a pytree prefix for group-wise clipping).
-    noise_multiplier: σ > 0 (:func:`calibrate_correlated_noise` gives it for a target ε).
+    noise_multiplier: σ > 0 (:func:`calibrate_correlated_noise` gives it for a target ε);
+      it may be traced.
     batch_size: B > 0, the EXPECTED batch size (``sampler.expected_batch_size``).
     key: a typed PRNG key, a raw ``uint32`` key or an int seed.
     sampling: ``"cyclic_poisson"``; with ``sample_rate``, ``cycle_length``,
@@ -505,7 +506,8 @@ def correlated_noise(
   mech = _mechanism(strategy, sampling, sample_rate, cycle_length, num_examples, unit)
   leaves = [float(c) for c in jax.tree.leaves(clip_norm)]
   delta_clip = math.sqrt(sum(c * c for c in leaves))
-  stddev = float(noise_multiplier) * delta_clip * mech.noise_scale
+  # σ may be traced (one compilation for several noise levels); the rest is concrete.
+  stddev = noise_multiplier * (delta_clip * mech.noise_scale)
   privatizer = jp.noise_addition.matrix_factorization_privatizer(
     strategy.noising_matrix(), stddev=stddev, prng_key=_checks.canonical_key(key)
   )

@@ -4,6 +4,7 @@ accountants called directly, full-precision noise, and the cyclic sampler."""
 
 import itertools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +187,15 @@ def test_training_step_composes_with_optax(strategies):
   for t in range(STEPS):
     w, state = step(w, state, t)
   assert w.shape == (4,) and bool(jnp.isfinite(w).all())
+
+
+def test_example_smoke(tmp_path, monkeypatch):
+  """``examples/correlated_noise.py --smoke``: the three mechanisms run and meet ε."""
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+  result = __import__("correlated_noise").main(["--smoke", "--out", str(tmp_path)])
+  assert pathlib.Path(result["plot"]).stat().st_size > 0
+  (poisson, cyclic, bins) = result["samplers"]
+  assert cyclic.accounting["cycle_length"] == 7 and bins.accounting["sample_rate"] == 1.0
+  for name, cells in result["table"].items():
+    (cell,) = cells.values()
+    assert cell["sigma"] > 0 and 0.0 <= cell["accuracy"][0] <= 1.0, name

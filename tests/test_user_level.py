@@ -7,6 +7,8 @@ user's real examples, clips each user's gradient and sums over the real users, a
 float64 NumPy.
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,3 +216,15 @@ def test_accounting_unit_is_the_user():
   assert "example level" in clipjax.privacy_statement(eps, 1e-5)
   with pytest.raises(ValueError, match="unit"):
     clipjax.dp_epsilon(2.0, 0.1, 50, 1e-5, unit="person")
+
+
+def test_example_smoke(tmp_path, monkeypatch):
+  """``examples/user_level.py --smoke``: both units run; the example-level run protects a
+  user with several examples less than its example-level target."""
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+  result = __import__("user_level").main(["--smoke", "--out", str(tmp_path)])
+  assert pathlib.Path(result["plot"]).stat().st_size > 0
+  assert result["users"].accounting["unit"] == "user" and result["counts"].max() > 8
+  (example_level, user_level) = (next(iter(c.values())) for c in result["table"].values())
+  assert example_level["user_epsilon"] > 4.0
+  assert user_level["user_epsilon"] <= 4.0 * (1 + 1e-9)
