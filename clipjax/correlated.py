@@ -108,8 +108,9 @@ class MFStrategy:
   """A lower-triangular Toeplitz strategy ``C`` for ``steps`` steps, from ``jax_privacy``.
 
   Build one with :func:`banded_strategy` or :func:`blt_strategy` (optimized by
-  ``jax_privacy``), or from given parameters with :meth:`from_banded_coefs` and
-  :meth:`from_blt` (no optimization).
+  ``jax_privacy``), or from given parameters with
+  ``MFStrategy.from_banded_coefs(steps, coefs)`` and ``MFStrategy.from_blt(steps, blt)``
+  (no optimization).
 
   Attributes:
     kind: ``"banded"`` or ``"blt"``.
@@ -246,7 +247,7 @@ def blt_strategy(
   over the prefix sums), in float64. The noise ``C⁻¹ z`` is generated with a few
   buffers per parameter, whatever the number of steps. Its ε is not amplified by
   sampling (see the module docstring). Optimization takes about a minute on a CPU,
-  mostly compilation: reuse the strategy (or its ``blt``, :meth:`MFStrategy.from_blt`).
+  mostly compilation: reuse the strategy (or its ``blt``, ``MFStrategy.from_blt``).
 
   Args:
     steps: n, the number of training steps.

@@ -80,7 +80,9 @@ def _trainer(data, noise_fn, sample, batch_size, steps, learning_rate):
 
 
 def _mechanisms(n, steps, steps_per_epoch, batch, smoke):
-  """(name, sampler, noise factory, calibration, description) for the three mechanisms."""
+  """(name, sampler, noise factory, calibration, batch sampler, expected batch) for the
+  three mechanisms. The smoke run calibrates with RDP (faster, looser) instead of PLD."""
+  accountant = "rdp" if smoke else "pld"
   poisson = pt.poisson_sampler(n, batch, steps)
   cyclic = clipjax.CyclicPoissonSampler(n, BANDS, sample_rate=batch * BANDS / n)
   bins = clipjax.CyclicPoissonSampler(n, steps_per_epoch)
@@ -99,7 +101,7 @@ def _mechanisms(n, steps, steps_per_epoch, batch, smoke):
       poisson,
       lambda s, b, k: clipjax.dp_noise(CLIP, s, b, k),
       lambda eps: clipjax.calibrate_noise(
-        eps, DELTA, steps=steps, accountant="pld", **poisson.accounting
+        eps, DELTA, steps=steps, accountant=accountant, **poisson.accounting
       ),
       lambda key, t: poisson(key),
       poisson.sample_rate * n,
@@ -108,7 +110,9 @@ def _mechanisms(n, steps, steps_per_epoch, batch, smoke):
       f"banded MF ({BANDS} bands)",
       cyclic,
       lambda s, b, k: clipjax.correlated_noise(banded, CLIP, s, b, k, **cyclic.accounting),
-      lambda eps: clipjax.calibrate_correlated_noise(banded, eps, DELTA, **cyclic.accounting),
+      lambda eps: clipjax.calibrate_correlated_noise(
+        banded, eps, DELTA, accountant=accountant, **cyclic.accounting
+      ),
       cyclic,
       cyclic.expected_batch_size,
     ),
@@ -116,7 +120,9 @@ def _mechanisms(n, steps, steps_per_epoch, batch, smoke):
       "BLT (balls-in-bins)",
       bins,
       lambda s, b, k: clipjax.correlated_noise(blt, CLIP, s, b, k, **bins.accounting),
-      lambda eps: clipjax.calibrate_correlated_noise(blt, eps, DELTA, **bins.accounting),
+      lambda eps: clipjax.calibrate_correlated_noise(
+        blt, eps, DELTA, accountant=accountant, **bins.accounting
+      ),
       bins,
       bins.expected_batch_size,
     ),
