@@ -127,15 +127,16 @@ def test_user_clipped_sums_match_float64_oracle(name, reduce):
         np.testing.assert_allclose(np.asarray(got) / scale, expected / scale, atol=1e-10)
 
 
-def test_per_example_clip_and_adaptive_work_on_per_user_gradients():
+def test_per_example_clip_stats_and_adaptive_work_on_per_user_gradients():
   """Per-user gradients (``vmap`` of ``grad`` over users) through ``per_example_clip``
-  give ``clipped_grad``'s sum; ``adaptive_dp_noise`` counts users, not examples."""
+  give ``clipped_grad``'s sum, ``clipping_stats`` averages over real users, and
+  ``adaptive_dp_noise`` counts users, not examples."""
   rng = np.random.default_rng(1)
   example_loss, params, data = _model("dense", rng)
   indices, user_mask, example_mask = _sampler()(jax.random.key(5))
   batch = tuple(d[indices] for d in data)
   loss = _user_loss(example_loss, "sum")
-  clip_norm = 0.5
+  clip_norm = 10.0
   summed, norms = clipjax.clipped_grad(loss, clip_norm)(
     params, *batch, example_mask, mask=user_mask
   )
@@ -144,11 +145,15 @@ def test_per_example_clip_and_adaptive_work_on_per_user_gradients():
   for got, want in zip(jax.tree.leaves(summed), jax.tree.leaves(clipped)):
     np.testing.assert_allclose(got, want.sum(axis=0), rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(clip_norms, norms, rtol=1e-5)
+  stats = clipjax.clipping_stats(per_user, clip_norm, mask=user_mask)
+  real = np.asarray(norms, np.float64)[np.asarray(user_mask)]
+  assert 0 < np.mean(real > clip_norm) < 1  # some users clipped, some not
+  assert float(stats.fraction_clipped) == pytest.approx(np.mean(real > clip_norm))
+  assert float(stats.mean_norm) == pytest.approx(real.mean(), rel=1e-5)
 
   expected_users = 4.0
   tx = clipjax.adaptive_dp_noise(clip_norm, 0.0, expected_users, key=0, clip_learning_rate=0.3)
   _, state = tx.update(summed, tx.init(params), norms=norms, mask=user_mask)
-  real = np.asarray(norms, np.float64)[np.asarray(user_mask)]
   fraction = np.sum((real <= clip_norm) - 0.5) / expected_users + 0.5
   want = clip_norm * np.exp(-0.3 * (np.clip(fraction, 0, 1) - 0.5))
   np.testing.assert_allclose(float(state.clip_norm), want, rtol=1e-6)
