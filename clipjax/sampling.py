@@ -350,19 +350,22 @@ def _take(row: jax.Array, chosen: jax.Array, size: int) -> tuple[jax.Array, jax.
   return jnp.where(mask, row[slots], 0), mask
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _user_batch(key, table, counts, rate: float, max_users: int, k: int):
+# ``order`` holds the example indices grouped by user, user ``u``'s at ``starts[u]`` onward:
+# O(n + users) memory, where a dense (users, largest count) table could be far larger.
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _user_batch(key, order, starts, counts, largest: int, rate: float, max_users: int, k: int):
   user_key, truncate_key, example_key = jax.random.split(key, 3)
-  drawn = _choose(truncate_key, _bernoulli(user_key, rate, table.shape[0]), max_users)
+  drawn = _choose(truncate_key, _bernoulli(user_key, rate, counts.shape[0]), max_users)
   users, user_mask = _padded(drawn, max_users)
   available = jnp.where(user_mask, counts[users], 0)
-  slots = jnp.arange(table.shape[1])
+  slots = jnp.arange(largest)
 
-  def examples(key, row, count):
-    return _take(row, _choose(key, slots < count, k), k)
+  def examples(key, start, count):
+    positions, mask = _padded(_choose(key, slots < count, k), k)
+    return jnp.where(mask, order[start + positions], 0), mask
 
   keys = jax.random.split(example_key, max_users)
-  indices, example_mask = jax.vmap(examples)(keys, table[users], available)
+  indices, example_mask = jax.vmap(examples)(keys, starts[users], available)
   return indices, user_mask, example_mask
 
 
@@ -375,7 +378,9 @@ class UserSampler:
   ``floor(q · 2^32) / 2^32``, as in :func:`poisson_sample`); a draw of more than
   ``max_users`` users keeps a uniformly random subset of ``max_users``. Each drawn
   user brings ``min(K, c_u)`` of its ``c_u`` examples, a uniformly random subset drawn
-  afresh at every step (``K`` = ``examples_per_user``).
+  afresh at every step (``K`` = ``examples_per_user``). The examples are grouped by
+  user once, eagerly (memory O(n + users)); a draw costs O(``max_users`` × the largest
+  user's count) per radix pass, with no sort.
 
   ``sampler(key)`` returns ``(indices, user_mask, example_mask)`` of static shapes
   ``(max_users, K)``, ``(max_users,)`` and ``(max_users, K)``: row ``j`` holds the
@@ -433,14 +438,18 @@ class UserSampler:
         f"dtype {ids.dtype}."
       )
     users, labels = np.unique(ids, return_inverse=True)
-    table, counts = _group_table(labels.reshape(-1), users.size)
+    labels = labels.reshape(-1)
+    counts = np.bincount(labels, minlength=users.size)
+    object.__setattr__(self, "_order", jnp.asarray(np.argsort(labels, kind="stable"), jnp.int32))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    object.__setattr__(self, "_starts", jnp.asarray(starts, jnp.int32))
+    object.__setattr__(self, "_counts", jnp.asarray(counts, jnp.int32))
+    object.__setattr__(self, "_largest", int(counts.max()))
     object.__setattr__(self, "user_ids", ids)
     object.__setattr__(self, "sample_rate", _static_rate(self.sample_rate))
     object.__setattr__(self, "max_users", _checks.check_count("max_users", self.max_users))
     k = _checks.check_count("examples_per_user", self.examples_per_user)
     object.__setattr__(self, "examples_per_user", k)
-    object.__setattr__(self, "_table", jnp.asarray(table))
-    object.__setattr__(self, "_counts", jnp.asarray(counts))
 
   @property
   def num_users(self) -> int:
@@ -456,8 +465,10 @@ class UserSampler:
     """``(indices, user_mask, example_mask)``; jit-able with a traced key."""
     return _user_batch(
       _checks.canonical_key(key),
-      self._table,
+      self._order,
+      self._starts,
       self._counts,
+      self._largest,
       self.sample_rate,
       self.max_users,
       self.examples_per_user,
