@@ -1,6 +1,6 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
-from clipjax.accounting import calibrate_noise, dp_epsilon
+from clipjax.accounting import calibrate_noise, dp_epsilon, privacy_statement
 from clipjax.accumulation import AccumulateState, accumulate, microbatch
 from clipjax.adaptive import (
   AdaptiveDPAggregateState,
@@ -14,6 +14,15 @@ from clipjax.checkpoint import (
   PrivateTrainingState,
   restore_checkpoint,
   save_checkpoint,
+)
+from clipjax.correlated import (
+  CorrelatedNoiseState,
+  MFStrategy,
+  banded_strategy,
+  blt_strategy,
+  calibrate_correlated_noise,
+  correlated_epsilon,
+  correlated_noise,
 )
 from clipjax.distributed import ShardedPoissonSampler, assert_same_across_processes
 from clipjax.ghost import clipped_grad
@@ -32,7 +41,9 @@ from clipjax.privacy import (
 from clipjax.projection import project_ball_box
 from clipjax.rescale import max_norm, rescale
 from clipjax.sampling import (
+  CyclicPoissonSampler,
   PoissonSampler,
+  UserSampler,
   WithoutReplacementSampler,
   poisson_overflow_probability,
   poisson_sample,
@@ -46,23 +57,32 @@ __all__ = [
   "AdaptiveDPAggregateState",
   "AdaptiveDPNoiseState",
   "ClippingStats",
+  "CorrelatedNoiseState",
+  "CyclicPoissonSampler",
   "DPAggregateState",
   "DPNoiseState",
+  "MFStrategy",
   "PoissonSampler",
   "PrivacyConfig",
   "PrivateTrainingState",
   "ShardedPoissonSampler",
+  "UserSampler",
   "WithoutReplacementSampler",
   "accumulate",
   "adaptive_dp_aggregate",
   "adaptive_dp_noise",
   "assert_same_across_processes",
   "audit_epsilon",
+  "banded_strategy",
+  "blt_strategy",
+  "calibrate_correlated_noise",
   "calibrate_noise",
   "clip_by_norm",
   "clipped_grad",
   "clipping_aware_normalize",
   "clipping_stats",
+  "correlated_epsilon",
+  "correlated_noise",
   "dp_aggregate",
   "dp_epsilon",
   "dp_noise",
@@ -73,6 +93,7 @@ __all__ = [
   "pgd",
   "poisson_overflow_probability",
   "poisson_sample",
+  "privacy_statement",
   "project_ball_box",
   "random_perturbation",
   "rescale",

@@ -89,6 +89,8 @@ _INSTALL_HINT = 'clipjax.accounting needs the dp_accounting package: pip install
 
 SAMPLINGS = ("poisson", "without_replacement")
 ACCOUNTANTS = ("rdp", "pld")
+# The privacy unit: what one "example" of the accounting is (a user's examples move together).
+UNITS = ("example", "user")
 
 # calibrate_noise stops when its bracket is this narrow relative to its upper end, so
 # the returned σ is within 0.01% of the smallest valid one.
@@ -273,6 +275,7 @@ def dp_epsilon(
   accountant: str = "rdp",
   num_examples: int | None = None,
   max_batch_size: int | None = None,
+  unit: str = "example",
 ) -> float:
   """Returns the ε that DP-SGD spends, for the sampler that ran.
 
@@ -298,6 +301,12 @@ def dp_epsilon(
       ``max_batch_size``.
     max_batch_size: Poisson batches truncated to this many examples (as
       :func:`clipjax.poisson_sample` does); ``None`` for untruncated batches.
+    unit: the privacy unit, ``"example"`` or ``"user"`` (:class:`clipjax.UserSampler`'s
+      ``accounting`` passes ``"user"``). It does not change the number: with users as
+      the unit, ``sample_rate`` is the rate of users, ``num_examples`` and
+      ``max_batch_size`` count users, each user's gradient is clipped as one, and the
+      neighbouring datasets differ by one user with all of their examples.
+      :func:`privacy_statement` writes the guarantee out with its unit.
 
   Returns:
     ε as a Python float (``inf`` for σ = 0, when truncation is too frequent, or when
@@ -323,6 +332,7 @@ def dp_epsilon(
     Mechanism <https://arxiv.org/abs/1908.10530>`_, 2019.
   """
   _checks.check_nonnegative("noise_multiplier", noise_multiplier, finite=True)
+  _checks.check_choice("unit", unit, UNITS)
   scheme = _scheme(sample_rate, steps, delta, sampling, accountant, num_examples, max_batch_size)
   return _epsilon(_dp_accounting(), scheme, float(noise_multiplier), float(delta))
 
@@ -337,6 +347,7 @@ def calibrate_noise(
   accountant: str = "rdp",
   num_examples: int | None = None,
   max_batch_size: int | None = None,
+  unit: str = "example",
 ) -> float:
   """Returns the smallest noise multiplier whose ε meets the target, for the sampler that ran.
 
@@ -360,6 +371,7 @@ def calibrate_noise(
     accountant: ``"rdp"`` or ``"pld"``.
     num_examples: the dataset size, as in :func:`dp_epsilon`.
     max_batch_size: the Poisson truncation, as in :func:`dp_epsilon`.
+    unit: the privacy unit, ``"example"`` or ``"user"``, as in :func:`dp_epsilon`.
 
   Returns:
     σ as a Python float.
@@ -376,6 +388,7 @@ def calibrate_noise(
     True
   """
   _checks.check_positive("target_epsilon", target_epsilon, finite=True)
+  _checks.check_choice("unit", unit, UNITS)
   scheme = _scheme(sample_rate, steps, delta, sampling, accountant, num_examples, max_batch_size)
   if scheme.accountant == "rdp" and _overflow(scheme) >= delta / 2:
     raise ValueError(
@@ -448,3 +461,74 @@ def _smallest_root(excess: Callable[[float], float], start: float, factor: float
         break
       low, f_low = probe, f
   return high
+
+
+_NEIGHBOURS = {
+  ("poisson", "example"): "adding or removing one training example",
+  ("poisson", "user"): "adding or removing one user together with all of their examples",
+  ("without_replacement", "example"): "substituting one training example",
+  ("without_replacement", "user"): "substituting one user's examples for another's",
+}
+
+
+def privacy_statement(
+  epsilon: float,
+  delta: float,
+  *,
+  sample_rate: float | None = None,
+  sampling: str = "poisson",
+  num_examples: int | None = None,
+  max_batch_size: int | None = None,
+  unit: str = "example",
+) -> str:
+  """The guarantee that an ε from :func:`dp_epsilon` states, in words, with its unit.
+
+  Takes the same sampler keywords (``**sampler.accounting``) so that the statement
+  names the privacy unit and the neighbouring relation of the batches that ran, as
+  TensorFlow Privacy's ``compute_dp_sgd_privacy_statement`` does. For ``unit="user"``
+  it adds what the user-level guarantee assumes: every example belongs to exactly one
+  user, and a step uses at most ``K`` examples of a user, whose gradient is clipped as
+  one.
+
+  Args:
+    epsilon: the ε spent.
+    delta: δ in (0, 1).
+    sample_rate: the sampling rate (of users for ``unit="user"``), if to be stated.
+    sampling: ``"poisson"`` or ``"without_replacement"``.
+    num_examples: the number of units (examples or users), if to be stated.
+    max_batch_size: the Poisson truncation (in units), if any.
+    unit: ``"example"`` or ``"user"``.
+
+  Returns:
+    A one-paragraph string.
+
+  Example:
+    >>> from clipjax import privacy_statement
+    >>> print(privacy_statement(2.0, 1e-5, sample_rate=0.01, num_examples=5000, unit="user"))
+    (ε = 2, δ = 1e-05)-DP at the user level: the output distributions of any two datasets
+    that differ by adding or removing one user together with all of their examples are
+    (ε, δ)-close. Sampling: Poisson over 5000 users at rate 0.01. Assumes every example
+    belongs to exactly one user and each step uses at most K examples of a user, clipped
+    together as one gradient.
+  """
+  _checks.check_interval("delta", delta, 0, 1, open_low=True, open_high=True)
+  sampling = _checks.check_choice("sampling", sampling, SAMPLINGS)
+  unit = _checks.check_choice("unit", unit, UNITS)
+  units = "users" if unit == "user" else "examples"
+  parts = [
+    f"(ε = {epsilon:.4g}, δ = {delta:.4g})-DP at the {unit} level: the output distributions "
+    f"of any two datasets that differ by {_NEIGHBOURS[sampling, unit]} are (ε, δ)-close."
+  ]
+  if sample_rate is not None:
+    scheme = "Poisson" if sampling == "poisson" else "fixed-size batches without replacement"
+    over = f" over {num_examples} {units}" if num_examples is not None else ""
+    parts.append(f"Sampling: {scheme}{over} at rate {sample_rate:.4g}")
+    if max_batch_size is not None:
+      parts[-1] += f", truncated to {max_batch_size} {units} per step"
+    parts[-1] += "."
+  if unit == "user":
+    parts.append(
+      "Assumes every example belongs to exactly one user and each step uses at most K "
+      "examples of a user, clipped together as one gradient."
+    )
+  return " ".join(parts)

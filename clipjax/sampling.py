@@ -54,6 +54,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from clipjax import _binomial, _checks
@@ -327,5 +328,267 @@ class WithoutReplacementSampler:
     return {
       "sample_rate": self.batch_size / self.num_examples,
       "sampling": "without_replacement",
+      "num_examples": self.num_examples,
+    }
+
+
+def _group_table(labels: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of a ``(num_groups, largest)`` int32 table: each group's indices in increasing
+  order, padded with 0; and the groups' sizes. Built once, eagerly, in NumPy."""
+  counts = np.bincount(labels, minlength=num_groups)
+  order = np.argsort(labels, kind="stable")  # within a group, increasing index
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  position = np.arange(labels.size) - starts[labels[order]]
+  table = np.zeros((num_groups, max(1, int(counts.max(initial=0)))), np.int32)
+  table[labels[order], position] = order
+  return table, counts.astype(np.int32)
+
+
+def _take(row: jax.Array, chosen: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The entries of ``row`` at the chosen slots, in slot order, padded with 0 to ``size``."""
+  slots, mask = _padded(chosen, size)
+  return jnp.where(mask, row[slots], 0), mask
+
+
+# ``order`` holds the example indices grouped by user, user ``u``'s at ``starts[u]`` onward:
+# O(n + users) memory, where a dense (users, largest count) table could be far larger.
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _user_batch(key, order, starts, counts, largest: int, rate: float, max_users: int, k: int):
+  user_key, truncate_key, example_key = jax.random.split(key, 3)
+  drawn = _choose(truncate_key, _bernoulli(user_key, rate, counts.shape[0]), max_users)
+  users, user_mask = _padded(drawn, max_users)
+  available = jnp.where(user_mask, counts[users], 0)
+  slots = jnp.arange(largest)
+
+  def examples(key, start, count):
+    positions, mask = _padded(_choose(key, slots < count, k), k)
+    return jnp.where(mask, order[start + positions], 0), mask
+
+  keys = jax.random.split(example_key, max_users)
+  indices, example_mask = jax.vmap(examples)(keys, starts[users], available)
+  return indices, user_mask, example_mask
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UserSampler:
+  """User-level Poisson batches: users at rate ``q``, up to ``K`` examples of each.
+
+  For user-level DP the privacy unit is a user, who may own many examples. Every step,
+  each user joins independently with probability ``sample_rate`` (exactly
+  ``floor(q · 2^32) / 2^32``, as in :func:`poisson_sample`); a draw of more than
+  ``max_users`` users keeps a uniformly random subset of ``max_users``. Each drawn
+  user brings ``min(K, c_u)`` of its ``c_u`` examples, a uniformly random subset drawn
+  afresh at every step (``K`` = ``examples_per_user``). The examples are grouped by
+  user once, eagerly (memory O(n + users)); a draw costs O(``max_users`` × the largest
+  user's count) per radix pass, with no sort.
+
+  ``sampler(key)`` returns ``(indices, user_mask, example_mask)`` of static shapes
+  ``(max_users, K)``, ``(max_users,)`` and ``(max_users, K)``: row ``j`` holds the
+  example indices of the ``j``-th drawn user (padded with 0), ``user_mask[j]`` says
+  whether the row is a real user, ``example_mask[j, i]`` whether slot ``i`` is a real
+  example of that user (False on padding rows). Gather the data with the indices
+  (``x[indices]`` has shape ``(max_users, K, ...)``) and pass a loss written for ONE
+  user's ``K`` examples, which uses the example mask, to
+  ``clipjax.clipped_grad(user_loss, C)(params, x[indices], y[indices], example_mask,
+  mask=user_mask)``: the result is the sum over drawn users of each user's gradient
+  clipped to ``C``. Whether a user's gradient is the sum or the mean of its examples'
+  gradients is the loss's choice (both have sensitivity ``C`` once clipped).
+
+  ``sampler.accounting`` makes :func:`clipjax.dp_epsilon` and
+  :func:`clipjax.calibrate_noise` account for exactly this sampler with the USER as the
+  unit: Poisson sampling of users at ``q``, ``num_examples`` = the number of users,
+  truncation to ``max_users``, and ``unit="user"``. The guarantee then covers adding or
+  removing one user with all of their examples, provided each example belongs to
+  exactly one user and no step uses more than ``K`` of a user's examples (both hold by
+  construction here).
+
+  Attributes:
+    user_ids: the user of each example, shape ``(num_examples,)``, any integers.
+    sample_rate: q in (0, 1], the rate at which users are drawn.
+    max_users: the static number of user rows per batch.
+    examples_per_user: K, the static number of example slots per user.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> from clipjax import UserSampler, dp_epsilon
+    >>> user_ids = np.array([0, 0, 0, 1, 2, 2, 7, 7, 7, 7])
+    >>> sampler = UserSampler(user_ids, sample_rate=0.5, max_users=4, examples_per_user=2)
+    >>> indices, user_mask, example_mask = sampler(jax.random.key(0))
+    >>> indices.shape, user_mask.shape, example_mask.shape
+    ((4, 2), (4,), (4, 2))
+    >>> sampler.num_users, sampler.accounting["unit"]
+    (4, 'user')
+    >>> eps = dp_epsilon(1.0, steps=100, delta=1e-5, **sampler.accounting)
+
+  References:
+    Chua et al., `Mind the Privacy Unit! User-Level Differential Privacy for Language
+    Model Fine-Tuning <https://arxiv.org/abs/2406.14322>`_, COLM 2024.
+  """
+
+  user_ids: Any
+  sample_rate: float
+  max_users: int
+  examples_per_user: int
+
+  def __post_init__(self):
+    ids = np.asarray(self.user_ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(
+        f"user_ids must be a non-empty 1-D array of integers, got shape {ids.shape} and "
+        f"dtype {ids.dtype}."
+      )
+    users, labels = np.unique(ids, return_inverse=True)
+    labels = labels.reshape(-1)
+    counts = np.bincount(labels, minlength=users.size)
+    object.__setattr__(self, "_order", jnp.asarray(np.argsort(labels, kind="stable"), jnp.int32))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    object.__setattr__(self, "_starts", jnp.asarray(starts, jnp.int32))
+    object.__setattr__(self, "_counts", jnp.asarray(counts, jnp.int32))
+    object.__setattr__(self, "_largest", int(counts.max()))
+    object.__setattr__(self, "user_ids", ids)
+    object.__setattr__(self, "sample_rate", _static_rate(self.sample_rate))
+    object.__setattr__(self, "max_users", _checks.check_count("max_users", self.max_users))
+    k = _checks.check_count("examples_per_user", self.examples_per_user)
+    object.__setattr__(self, "examples_per_user", k)
+
+  @property
+  def num_users(self) -> int:
+    """The number of distinct users."""
+    return int(self._counts.shape[0])
+
+  @property
+  def examples_per_user_counts(self) -> np.ndarray:
+    """Each user's number of examples, in the order of ``np.unique(user_ids)``."""
+    return np.asarray(self._counts)
+
+  def __call__(self, key: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(indices, user_mask, example_mask)``; jit-able with a traced key."""
+    return _user_batch(
+      _checks.canonical_key(key),
+      self._order,
+      self._starts,
+      self._counts,
+      self._largest,
+      self.sample_rate,
+      self.max_users,
+      self.examples_per_user,
+    )
+
+  @property
+  def overflow_probability(self) -> float:
+    """The chance that one draw has more than ``max_users`` users."""
+    return poisson_overflow_probability(self.num_users, self.sample_rate, self.max_users)
+
+  @property
+  def accounting(self) -> dict[str, Any]:
+    """Keyword arguments for :func:`clipjax.dp_epsilon` and :func:`clipjax.calibrate_noise`,
+    the user being the unit."""
+    return {
+      "sample_rate": self.sample_rate,
+      "sampling": "poisson",
+      "num_examples": self.num_users,
+      "max_batch_size": self.max_users,
+      "unit": "user",
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _cyclic_batch(key, step, table, counts, rate: float):
+  group = jnp.asarray(step, jnp.int32) % table.shape[0]
+  slots = jnp.arange(table.shape[1])
+  chosen = _bernoulli(key, rate, table.shape[1]) & (slots < counts[group])
+  return _take(table[group], chosen, table.shape[1])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CyclicPoissonSampler:
+  """Cyclic Poisson batches (balls-in-bins at rate 1), the participation of correlated noise.
+
+  Once, at construction, every example is assigned a group among ``cycle_length`` = b,
+  independently and uniformly at random (from ``seed``). At step ``t`` only group
+  ``t mod b`` is eligible, and each of its examples joins independently with probability
+  ``sample_rate`` (exactly ``floor(q · 2^32) / 2^32``). An example therefore takes part
+  at most once every b steps, the participation that banded matrix factorization needs
+  for amplification (Choquette-Choo et al., 2023) and that the min-separation
+  sensitivity of any strategy assumes. With ``sample_rate=1`` this is balls-in-bins
+  sampling (Chua et al., 2024): every example in every b-th step of its bin. The
+  independent assignment is what the add-or-remove-one relation needs (an added
+  example lands in a random group).
+
+  ``sampler(key, step)`` returns ``(indices, mask)`` of static shape ``(largest group,)``
+  (batches never need truncation), indices in increasing order and padded with 0;
+  ``step`` may be traced. ``sampler.accounting`` holds the keyword arguments of
+  :func:`clipjax.correlated_noise` and :func:`clipjax.correlated_epsilon`
+  for this schedule. The expected batch size, to divide the noisy sum by, is
+  ``sampler.expected_batch_size`` = ``q · n / b``.
+
+  Attributes:
+    num_examples: the dataset size n.
+    cycle_length: b, the number of groups (and the minimum separation of an example's
+      participations).
+    sample_rate: q in (0, 1], the rate within the eligible group.
+    seed: the seed of the assignment to groups.
+
+  Example:
+    >>> import jax
+    >>> from clipjax import CyclicPoissonSampler
+    >>> sampler = CyclicPoissonSampler(num_examples=100, cycle_length=4, sample_rate=0.5)
+    >>> indices, mask = sampler(jax.random.key(0), step=3)
+    >>> indices.shape == mask.shape == (sampler.max_batch_size,)
+    True
+    >>> sampler.accounting["sampling"], sampler.expected_batch_size
+    ('cyclic_poisson', 12.5)
+
+  References:
+    Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta & Xu, `(Amplified) Banded
+    Matrix Factorization: A unified approach to private training
+    <https://arxiv.org/abs/2306.08153>`_, NeurIPS 2023.
+
+    Chua, Ghazi, Kamath, Kumar, Manurangsi, Sinha & Zhang, `Balls-and-Bins Sampling for
+    DP-SGD <https://arxiv.org/abs/2412.16802>`_, AISTATS 2025.
+  """
+
+  num_examples: int
+  cycle_length: int
+  sample_rate: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    n = _checks.check_count("num_examples", self.num_examples)
+    b = _checks.check_count("cycle_length", self.cycle_length)
+    if b > n:
+      raise ValueError(f"cycle_length must be <= num_examples = {n}, got {b}.")
+    groups = np.random.default_rng(self.seed).integers(0, b, size=n)
+    table, counts = _group_table(groups, b)
+    object.__setattr__(self, "num_examples", n)
+    object.__setattr__(self, "cycle_length", b)
+    object.__setattr__(self, "sample_rate", _static_rate(self.sample_rate))
+    object.__setattr__(self, "_table", jnp.asarray(table))
+    object.__setattr__(self, "_counts", jnp.asarray(counts))
+
+  @property
+  def max_batch_size(self) -> int:
+    """The static number of slots: the largest group's size."""
+    return int(self._table.shape[1])
+
+  @property
+  def expected_batch_size(self) -> float:
+    """``q · n / b``: the average batch size over a cycle."""
+    return self.sample_rate * self.num_examples / self.cycle_length
+
+  def __call__(self, key: jax.Array | int, step: Any) -> tuple[jax.Array, jax.Array]:
+    """``(indices, mask)`` of step ``step``'s batch; jit-able with traced key and step."""
+    return _cyclic_batch(
+      _checks.canonical_key(key), step, self._table, self._counts, self.sample_rate
+    )
+
+  @property
+  def accounting(self) -> dict[str, Any]:
+    """Keyword arguments for :func:`clipjax.correlated_noise`,
+    :func:`clipjax.correlated_epsilon` and :func:`clipjax.calibrate_correlated_noise`."""
+    return {
+      "sampling": "cyclic_poisson",
+      "sample_rate": self.sample_rate,
+      "cycle_length": self.cycle_length,
       "num_examples": self.num_examples,
     }
