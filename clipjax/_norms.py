@@ -431,16 +431,23 @@ def weighted_sum(tree: Any, w: Weights) -> Any:
   """``Σ_i factor_i · v_i · 2^-shift_i`` over the leading batch axis of every leaf.
 
   Each leaf is one matrix-vector product (XLA:CPU's reduction over a leading axis is
-  an order of magnitude slower), in the leaf's dtype with the factors rounded toward
-  zero. A zero weight does not silence a NaN (0 · NaN = NaN), so examples that are
-  not kept are masked out first; that costs a pass over the gradients and runs
-  (inside ``lax.cond``) only when some example needs it.
+  an order of magnitude slower), with the factors rounded toward zero to the leaf's
+  dtype and the sum accumulated and returned in the weights' (at least float32): a
+  sum rounded to bfloat16 before the noise could move by more than one example's
+  clip norm when one example changes. A zero weight does not silence a NaN
+  (0 · NaN = NaN), so examples that are not kept are masked out first; that costs a
+  pass over the gradients and runs (inside ``lax.cond``) only when some example needs
+  it.
   """
 
   def dot(tree):
     return jax.tree.map(
       lambda g: jnp.tensordot(
-        _round_down(w.factor, g.dtype), g, axes=1, out_sharding=_sum_sharding(g)
+        _round_down(w.factor, g.dtype),
+        g,
+        axes=1,
+        preferred_element_type=jnp.promote_types(g.dtype, w.factor.dtype),
+        out_sharding=_sum_sharding(g),
       ),
       tree,
     )

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from clipjax import _checks, _gaussian
-from clipjax.privacy import _clipped_sum, _noisy_mean, _sensitivity, _valid_stddev
+from clipjax.privacy import _clipped_sum, _like, _noisy_mean, _sensitivity, _valid_stddev
 
 
 class AdaptiveDPAggregateState(NamedTuple):
@@ -388,7 +388,7 @@ def adaptive_dp_aggregate(
       noise_multiplier, count_noise_stddev, divisor, target_quantile, clip_learning_rate
     )
     norms = clipping.prefix.unflatten(clipping.norms)
-    updates, clip_norm = _step(summed, norms, mask, state.clip_norm, key, hyper)
-    return updates, AdaptiveDPAggregateState(clip_norm=clip_norm, key=next_key)
+    noisy, clip_norm = _step(summed, norms, mask, state.clip_norm, key, hyper)
+    return _like(noisy, updates), AdaptiveDPAggregateState(clip_norm=clip_norm, key=next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

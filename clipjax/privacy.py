@@ -171,6 +171,12 @@ def _clipped_sum(grads, clip_norm, p, scaling, stability, mask, pre_clip_noise, 
   return c.prefix.unflatten(summed), c
 
 
+def _like(noisy, per_example):
+  """The noisy mean (sum in at least float32) cast to the per-example gradients' dtypes:
+  post-processing, after the noise."""
+  return jax.tree.map(lambda n, g: n.astype(g.dtype), noisy, per_example)
+
+
 def _sensitivity(clip_norm) -> jax.Array:
   leaves = [jnp.asarray(c) for c in jax.tree.leaves(clip_norm)]
   if len(leaves) == 1:
@@ -451,7 +457,8 @@ def dp_aggregate(
     )
     divisor = size if expected_batch_size is None else expected_batch_size
     stddev = _noise_stddev(noise_multiplier, clip_norm)
-    return _noisy_mean(summed, stddev, divisor, noise_key), DPAggregateState(key=next_key)
+    noisy = _noisy_mean(summed, stddev, divisor, noise_key)
+    return _like(noisy, updates), DPAggregateState(key=next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

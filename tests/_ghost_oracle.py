@@ -84,7 +84,7 @@ def check(loss_fn, params, *batch, clip_norms=(1e-6, 1.0, 1e6), rtol=None, floor
     got_norms = np.stack([np.asarray(n, np.float64) for n in jax.tree.leaves(norms)])
     np.testing.assert_allclose(got_norms, want_norms, rtol=rtol)
     for leaf, ref in zip(jax.tree.leaves(total), jax.tree.leaves(params)):
-      assert leaf.dtype == ref.dtype and leaf.shape == ref.shape
+      assert leaf.dtype == jnp.promote_types(ref.dtype, jnp.float32) and leaf.shape == ref.shape
   return grads
 
 

@@ -191,7 +191,9 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
     slack[group_of[k]] += part.slack
     if part.explicit is not None:
       explicit[group_of[k]][k] = part.explicit
-  clipped = [jnp.zeros_like(leaf) for leaf in leaves]
+  # Sums stay in at least float32: rounding them to bfloat16 before the noise could
+  # move them by more than one example's clip norm.
+  clipped = [jnp.zeros(leaf.shape, _norms.accumulation_dtype([leaf])) for leaf in leaves]
   reported = []
   for j, c in enumerate(clip_norms):
     counted = {
@@ -209,7 +211,7 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
     reported.append(_norms.reported(norms, mask))
     packed, unpack = _pack(explicit[j], in_pass)
     for k, total in unpack(_norms.weighted_sum(packed, w)).items():
-      clipped[k] = total.astype(leaves[k].dtype)
+      clipped[k] = total.astype(clipped[k].dtype)
     for k, part in parts.items():
       if group_of[k] == j and part.ghost:
         clipped[k] = clipped[k] + _leaves.ghost_sum(part, leaves[k], records, cotangents, w, plain)
@@ -313,7 +315,10 @@ def clipped_grad(
   Examples whose gradient is not finite contribute nothing (they are zeroed without
   multiplying NaN by zero) and report an infinite norm; examples masked out contribute
   nothing and report 0, whatever their data (padding may even produce NaN). Norms are
-  accumulated in at least float32; the clipped sum has the parameters' dtype.
+  accumulated in at least float32, and so is the clipped sum (the parameters' dtype
+  promoted to float32): rounded to bfloat16 before the noise, one example could move
+  it by more than C. ``dp_noise`` adds the noise in that precision, and
+  ``optax.apply_updates`` casts the update to the parameters' dtype.
   ``grad_fn`` is compiled with ``loss_fn`` as a static argument: reuse the same
   ``loss_fn`` object to reuse the compilation (clip norms may change freely).
 

@@ -208,8 +208,9 @@ def _weighed(x, w: _norms.Weights, plain):
 
 
 def ghost_sum(leaf_parts: Leaf, leaf, records, cotangents, w: _norms.Weights, plain):
-  """``Σ_i w_i G_i`` over the leaf's ghost uses, in the leaf's dtype."""
-  total = jnp.zeros(leaf.shape, leaf.dtype)
+  """``Σ_i w_i G_i`` over the leaf's ghost uses, in at least float32."""
+  acc = _norms.accumulation_dtype([leaf])
+  total = jnp.zeros(leaf.shape, acc)
   for use in leaf_parts.ghost:
     ct, data = cotangents[use.path], records[use.path]
     # The weight goes on whichever operand is smaller (an output projection's
@@ -224,6 +225,6 @@ def ghost_sum(leaf_parts: Leaf, leaf, records, cotangents, w: _norms.Weights, pl
       data = [_masked(x, w) for x in data]
     blocks = jax.eval_shape(lambda v, use=use: _factors.to_blocks(use, v), leaf)
     f = _factors.of_use(use, data, ct, blocks.shape[1])
-    _, back = jax.vjp(lambda v, use=use: _factors.to_blocks(use, v), jnp.zeros_like(leaf))
-    total = total + back(_factors.summed(f).astype(leaf.dtype))[0]
+    _, back = jax.vjp(lambda v, use=use: _factors.to_blocks(use, v), total)
+    total = total + back(_factors.summed(f).astype(acc))[0]
   return total
