@@ -368,6 +368,7 @@ def clipped_grad(
   _norms.check_scaling(scaling, stability)
 
   def grad_fn(params, *batch, mask=None):
+    _checks.check_differentiable(params)
     _norms.groups(clip_norm, params)
     size = _checks.batch_size(batch, "batch arguments")
     mask = _checks.check_mask(mask, size)
