@@ -62,6 +62,9 @@ html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"show_toc_level": 2}
 
+# `PyTree` (clipjax/_typing.py) is `Any` to Python; signatures show the name, unlinked.
+nitpick_ignore = [("py:class", "PyTree")]
+
 
 # Annotations hold objects, which autodoc names where they are defined
 # (jax.jaxlib._jax.Array, optax._src.base.GradientTransformation, a clipjax submodule)
@@ -69,6 +72,7 @@ html_theme_options = {"show_toc_level": 2}
 # attribute types show the names that the projects document instead, so that they
 # read well and link.
 _DOCUMENTED_AS = {
+  "PyTree": clipjax._typing.PyTree,
   "jax.typing.ArrayLike": jax.typing.ArrayLike,
   "jax.Array": jax.Array,
   "optax.GradientTransformation": optax.GradientTransformation,
