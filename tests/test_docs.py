@@ -6,6 +6,7 @@ reference, a missing image or a page outside the table of contents); these tests
 no Sphinx.
 """
 
+import importlib.util
 import pathlib
 import re
 
@@ -68,3 +69,14 @@ def test_images_are_small():
   sizes = {p.name: p.stat().st_size for p in (DOCS / "_static").glob("*.png")}
   large = {name: size for name, size in sizes.items() if size > 200_000}
   assert not large, f"docs/_static images over 200 KB: {large}"
+
+
+def test_benchmark_tables_are_generated_from_the_results():
+  """README and guide tables equal what docs/_scripts/tables.py makes of benchmarks/results."""
+  spec = importlib.util.spec_from_file_location("tables", DOCS / "_scripts" / "tables.py")
+  tables = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tables)
+  for page in tables.PAGES:
+    text = (ROOT / page).read_text()
+    assert "<!-- tables.py:" in text, f"{page} has no generated table"
+    assert tables.render(text) == text, f"stale table in {page}: run docs/_scripts/tables.py"
