@@ -61,6 +61,9 @@ html_title = "clipjax"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"show_toc_level": 2}
+# One search box: the sidebar's field duplicated the header's search button (which also
+# answers Ctrl+K and stays visible when the sidebar is collapsed on small screens).
+html_sidebars = {"**": ["navbar-logo.html", "icon-links.html", "sbt-sidebar-nav.html"]}
 
 # `PyTree` (clipjax/_typing.py) is `Any` to Python; signatures show the name, unlinked.
 nitpick_ignore = [("py:class", "PyTree")]
