@@ -272,7 +272,11 @@ def check_box(
     if np.any(lo > hi):
       raise ValueError("lower must be <= upper everywhere.")
     if np.any(x < lo) or np.any(x > hi):
-      raise ValueError(f"{names[0]} must lie inside [lower, upper].")
+      raise ValueError(
+        f"{names[0]} must lie inside [lower, upper]: its values span "
+        f"[{x.min():g}, {x.max():g}], the box is [{lo.min():g}, {hi.max():g}]. Pass the "
+        f"data's own range (lower=0, upper=255 for 8-bit images, say) or rescale {names[0]}."
+      )
 
 
 def check_finite_scores(name: str, scores: Any) -> np.ndarray:
@@ -283,3 +287,38 @@ def check_finite_scores(name: str, scores: Any) -> np.ndarray:
   if not np.all(np.isfinite(array)):
     raise ValueError(f"{name} contains NaN or inf.")
   return array
+
+
+_PARAMS_FIX = (
+  "Pass only the trainable floating-point arrays and close over the rest: with flax NNX, "
+  "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)` and "
+  "`nnx.merge(graphdef, params, rest)` inside the loss; with equinox, "
+  "`params, static = eqx.partition(model, eqx.is_inexact_array)` and "
+  "`eqx.combine(params, static)` inside the loss."
+)
+
+
+def check_differentiable(tree: Any, name: str = "params") -> None:
+  """Every leaf of ``tree`` is a floating-point (or complex) array or a Python float.
+
+  Model containers hold more than their weights: flax NNX keeps RNG counters
+  (``uint32``) and keys in a module's state, equinox keeps activation functions and
+  static fields as leaves. Differentiating those fails deep inside the tracer with an
+  error naming neither the leaf nor the remedy; this names both.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, float | complex):
+      continue
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      kind = f"a {type(leaf).__name__}"
+    elif jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      kind = f"a PRNG key array of dtype {dtype}"
+    elif jnp.issubdtype(dtype, jnp.inexact):
+      continue
+    else:
+      kind = f"an array of dtype {dtype}"
+    raise ValueError(
+      f"{name}{jax.tree_util.keystr(path)} is {kind}, which cannot be differentiated. "
+      + _PARAMS_FIX
+    )

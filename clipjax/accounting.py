@@ -58,7 +58,8 @@ positive), counted for every step whether or not an example was sampled.
 ``sampling`` defaults to ``"poisson"`` for backward compatibility; pass it (or a
 sampler's ``accounting``) explicitly, so that the ε is that of the batches that ran.
 
-``dp_accounting`` is an optional dependency: ``pip install "clipjax[privacy]"``.
+``dp_accounting`` is an optional dependency: ``pip install -e ".[privacy]"`` in the
+clipjax checkout.
 
 References:
   Mironov, Talwar & Zhang, `Rényi Differential Privacy of the Sampled Gaussian
@@ -85,7 +86,10 @@ from typing import NamedTuple
 
 from clipjax import _binomial, _checks, _gaussian
 
-_INSTALL_HINT = 'clipjax.accounting needs the dp_accounting package: pip install "clipjax[privacy]"'
+_INSTALL_HINT = (
+  "clipjax.accounting needs the dp_accounting package: from the clipjax checkout, "
+  'pip install -e ".[privacy]" (or pip install dp-accounting)'
+)
 
 SAMPLINGS = ("poisson", "without_replacement")
 ACCOUNTANTS = ("rdp", "pld")

@@ -115,6 +115,19 @@ def audit_epsilon(
       \log\frac{1 - \delta - \overline{\mathrm{FNR}}}{\overline{\mathrm{FPR}}},\;
       \log\frac{1 - \delta - \overline{\mathrm{FPR}}}{\overline{\mathrm{FNR}}}\Big).
 
+  Args:
+    scores_in: 1-D, at least 2 finite scores from runs with the canary.
+    scores_out: 1-D, at least 2 finite scores from runs without it.
+    delta: δ in [0, 1), that of the guarantee being audited.
+    confidence: in (0, 1).
+
+  Returns:
+    The certified lower bound on ε, a Python float ``>= 0``.
+
+  Raises:
+    ValueError: naming the argument, for scores that are not 1-D, too few, NaN or
+      inf, or ``delta`` / ``confidence`` out of range.
+
   **The threshold is chosen on held-out trials.** The best of many thresholds,
   judged on the same trials that bound its error rates, would be a selection that
   the confidence level does not cover. So the trials at even positions (0, 2, ...)
@@ -128,19 +141,6 @@ def audit_epsilon(
   claimed; a bound below it proves nothing either way (it is expected to be below,
   and can be far below with few trials: it cannot exceed about
   ``log(n / log(2 / (1 − confidence)))`` for n certifying trials per side).
-
-  Args:
-    scores_in: 1-D, at least 2 finite scores from runs with the canary.
-    scores_out: 1-D, at least 2 finite scores from runs without it.
-    delta: δ in [0, 1), that of the guarantee being audited.
-    confidence: in (0, 1).
-
-  Returns:
-    The certified lower bound on ε, a Python float ``>= 0``.
-
-  Raises:
-    ValueError: naming the argument, for scores that are not 1-D, too few, NaN or
-      inf, or ``delta`` / ``confidence`` out of range.
 
   Example:
     >>> import numpy as np

@@ -6,10 +6,20 @@ import jax
 import jax.numpy as jnp
 
 from clipjax import _checks
+from clipjax._typing import PyTree
 from clipjax.rescale import _rescale
 
 
-def perturb(x, delta, eps, *, p=2, lower=0.0, upper=1.0, method="auto"):
+def perturb(
+  x: PyTree,
+  delta: PyTree,
+  eps: jax.typing.ArrayLike,
+  *,
+  p: float | str = 2,
+  lower: PyTree = 0.0,
+  upper: PyTree = 1.0,
+  method: str = "auto",
+) -> PyTree:
   """Moves ``x`` along ``delta`` to exactly distance ``eps``, staying in the box.
 
   Returns ``clip(x + eta·delta, lower, upper)`` with ``eta = rescale(x, delta, eps)``,
@@ -47,7 +57,16 @@ def perturb(x, delta, eps, *, p=2, lower=0.0, upper=1.0, method="auto"):
   return jax.tree.unflatten(treedef, out)
 
 
-def random_perturbation(key, x, eps, *, p=2, lower=0.0, upper=1.0, distribution="gaussian"):
+def random_perturbation(
+  key: jax.Array | int,
+  x: PyTree,
+  eps: jax.typing.ArrayLike,
+  *,
+  p: float | str = 2,
+  lower: PyTree = 0.0,
+  upper: PyTree = 1.0,
+  distribution: str = "gaussian",
+) -> PyTree:
   """A point in the box at distance exactly ``eps`` from ``x`` in a random direction.
 
   Draws a direction, then applies :func:`perturb`: unlike ``x + eps·g/‖g‖`` followed

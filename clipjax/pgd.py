@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clipjax import _checks
+from clipjax._typing import PyTree
 from clipjax.perturbation import random_perturbation
 from clipjax.projection import project_ball_box
 from clipjax.rescale import rescale
@@ -91,19 +91,19 @@ def _scalar_loss(loss_fn: Callable) -> Callable:
 
 
 def pgd(
-  loss_fn: Callable[[Any], jax.Array],
-  x: Any,
+  loss_fn: Callable[[PyTree], jax.Array],
+  x: PyTree,
   eps: jax.typing.ArrayLike,
   *,
   p: float | str = 2,
   steps: int = 10,
   step_size: jax.typing.ArrayLike | None = None,
-  lower: Any = 0.0,
-  upper: Any = 1.0,
-  key: Any = None,
+  lower: PyTree = 0.0,
+  upper: PyTree = 1.0,
+  key: jax.Array | int | None = None,
   random_start: bool = True,
   return_losses: bool = False,
-):
+) -> PyTree | tuple[PyTree, jax.Array]:
   r"""Maximises ``loss_fn`` over ``{z : ‖z − x‖_p <= eps} ∩ [lower, upper]`` by PGD.
 
   Projected gradient ascent (Madry et al., 2018) with exact steps and exact
@@ -124,31 +124,6 @@ def pgd(
   unclipped point is projected, so the fixed points are those of projected
   gradient ascent (see the module notes on why clipping first would stall).
   Every iterate is feasible. A zero gradient gives a zero step, never NaN.
-
-  The random start (``random_start=True``) is
-  ``z_0 = Π_C(random_perturbation(key, x, eps))``: a point at distance exactly
-  ``eps`` from ``x`` after clipping (the projection only absorbs rounding), in a
-  Gaussian direction for ``p = 1, 2`` and along i.i.d. uniform coordinates for
-  ``p = inf``, which rescaled to exact L∞ size is Madry et al.'s uniform start in
-  the ball with its largest coordinate pushed to ``eps``. Without it, ``z_0 = x``.
-
-  For ``p = inf`` the iteration is the usual signed step and clip. For
-  ``p = 1, 2`` the usual normalize-then-clip step is shorter than ``step_size``
-  whenever a coordinate reaches a bound, and project-then-clip is feasible but
-  not nearest.
-
-  The loop is a :func:`jax.lax.scan`, so ``pgd`` is pure and works under
-  :func:`jax.jit` (``steps`` and ``p`` static), and under :func:`jax.vmap` over a
-  batch with per-example ``x``, ``eps`` and keys (the ball is per call, so batch
-  with ``vmap``, not by summing a batch loss). Gradients of a function of the
-  result with respect to ``x``, ``eps``, ``step_size``, the bounds or values
-  ``loss_fn`` closes over run through the unrolled iterations (they need
-  ``loss_fn`` twice differentiable): they are the exact derivative of the
-  algorithm's output, as in meta-learning, almost everywhere (away from the kinks
-  where a coordinate reaches a bound or the ball's active set changes; the sign
-  of ``p = inf`` has derivative zero). Adversarial training needs the other
-  gradient, of the loss at a fixed ``x_adv`` with respect to the model
-  (Danskin's theorem): wrap the result in :func:`jax.lax.stop_gradient`.
 
   Args:
     loss_fn: The objective, ``loss_fn(z) -> scalar``, with ``z`` structured like
@@ -184,6 +159,31 @@ def pgd(
       outside the box, not floating-point, or with NaN or inf; bounds of another
       structure or shape, or ``lower > upper``; ``loss_fn`` not returning a
       scalar. Under :func:`jax.jit` invalid values give NaN.
+
+  The random start (``random_start=True``) is
+  ``z_0 = Π_C(random_perturbation(key, x, eps))``: a point at distance exactly
+  ``eps`` from ``x`` after clipping (the projection only absorbs rounding), in a
+  Gaussian direction for ``p = 1, 2`` and along i.i.d. uniform coordinates for
+  ``p = inf``, which rescaled to exact L∞ size is Madry et al.'s uniform start in
+  the ball with its largest coordinate pushed to ``eps``. Without it, ``z_0 = x``.
+
+  For ``p = inf`` the iteration is the usual signed step and clip. For
+  ``p = 1, 2`` the usual normalize-then-clip step is shorter than ``step_size``
+  whenever a coordinate reaches a bound, and project-then-clip is feasible but
+  not nearest.
+
+  The loop is a :func:`jax.lax.scan`, so ``pgd`` is pure and works under
+  :func:`jax.jit` (``steps`` and ``p`` static), and under :func:`jax.vmap` over a
+  batch with per-example ``x``, ``eps`` and keys (the ball is per call, so batch
+  with ``vmap``, not by summing a batch loss). Gradients of a function of the
+  result with respect to ``x``, ``eps``, ``step_size``, the bounds or values
+  ``loss_fn`` closes over run through the unrolled iterations (they need
+  ``loss_fn`` twice differentiable): they are the exact derivative of the
+  algorithm's output, as in meta-learning, almost everywhere (away from the kinks
+  where a coordinate reaches a bound or the ball's active set changes; the sign
+  of ``p = inf`` has derivative zero). Adversarial training needs the other
+  gradient, of the loss at a fixed ``x_adv`` with respect to the model
+  (Danskin's theorem): wrap the result in :func:`jax.lax.stop_gradient`.
 
   Example:
     >>> import jax.numpy as jnp

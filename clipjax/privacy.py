@@ -333,6 +333,7 @@ def per_example_clip(
     Learning Made Easier and Stronger <https://arxiv.org/abs/2206.07136>`_,
     NeurIPS 2023.
   """
+  _checks.check_differentiable(grads, "grads")
   p = _check_clipping(p, clip_norm, scaling, stability)
   mask = _checks.check_mask(mask, _checks.batch_size(grads))
   return _per_example_clip(grads, clip_norm, stability, mask, p=p, scaling=scaling)

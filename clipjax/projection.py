@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _checks, _norms
+from clipjax._typing import PyTree
 from clipjax.rescale import _prepare as _prepare_box
 from clipjax.rescale import rescale
 
@@ -213,7 +214,15 @@ def _project(problem: _Problem, eps, p: float, treedef) -> list[jax.Array]:
   return [jnp.where(valid, jnp.where(inside, z0, z), jnp.nan) for z0, z in zip(clipped, projected)]
 
 
-def project_ball_box(y, center, eps, *, p=2, lower=0.0, upper=1.0):
+def project_ball_box(
+  y: PyTree,
+  center: PyTree,
+  eps: jax.typing.ArrayLike,
+  *,
+  p: float | str = 2,
+  lower: PyTree = 0.0,
+  upper: PyTree = 1.0,
+) -> PyTree:
   r"""The point of ``{z : ‖z − center‖_p <= eps} ∩ [lower, upper]`` nearest to ``y``.
 
   The exact Euclidean projection for projected-gradient methods (PGD attacks,
@@ -233,12 +242,6 @@ def project_ball_box(y, center, eps, *, p=2, lower=0.0, upper=1.0):
     ``[max(center − eps, lower), min(center + eps, upper)]`` and ``z`` is a clip.
 
   If ``clip(y, lower, upper)`` already lies in the ball it is returned unchanged.
-
-  Why not project onto the ball and then clip, as attack libraries do? That point
-  is feasible but not nearest: the ball projection shrinks every coordinate of
-  ``u`` by the same factor (p = 2) or threshold (p = 1) to fit the budget, and the
-  clip then cuts back the coordinates that leave the box, so part of the budget
-  is wasted. Here the budget goes to the coordinates that can still move.
 
   Args:
     y: The point to project: an array or a pytree of arrays.
@@ -264,6 +267,12 @@ def project_ball_box(y, center, eps, *, p=2, lower=0.0, upper=1.0):
   Gradients with respect to ``y``, ``center``, ``eps`` and the bounds are exact
   almost everywhere (away from the kinks where a coordinate reaches a bound or
   zero).
+
+  Why not project onto the ball and then clip, as attack libraries do? That point
+  is feasible but not nearest: the ball projection shrinks every coordinate of
+  ``u`` by the same factor (p = 2) or threshold (p = 1) to fit the budget, and the
+  clip then cuts back the coordinates that leave the box, so part of the budget
+  is wasted. Here the budget goes to the coordinates that can still move.
 
   Example:
     >>> import jax.numpy as jnp

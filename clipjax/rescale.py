@@ -25,6 +25,7 @@ from clipjax import _checks, _norms
 from clipjax._batching import batched_solver
 from clipjax._breakpoints import Box, closed_form, eta_inf, leaves, outside
 from clipjax._solvers import SOLVERS, resolve_method
+from clipjax._typing import PyTree
 
 METHODS = ("auto", *SOLVERS)
 
@@ -97,7 +98,16 @@ def _rescale(x, delta, eps, p, lower, upper, method):
   return eta, box, treedef, out
 
 
-def rescale(x, delta, eps, *, p=2, lower=0.0, upper=1.0, method="auto") -> jax.Array:
+def rescale(
+  x: PyTree,
+  delta: PyTree,
+  eps: jax.typing.ArrayLike,
+  *,
+  p: float | str = 2,
+  lower: PyTree = 0.0,
+  upper: PyTree = 1.0,
+  method: str = "auto",
+) -> jax.Array:
   r"""The exact clipping-aware scale ``eta`` for a step ``delta`` from ``x``.
 
   Finds ``eta >= 0`` with ``‖clip(x + eta·delta, lower, upper) − x‖_p == eps``.
@@ -156,7 +166,9 @@ def rescale(x, delta, eps, *, p=2, lower=0.0, upper=1.0, method="auto") -> jax.A
   return eta.astype(out)
 
 
-def max_norm(x, delta, *, p=2, lower=0.0, upper=1.0) -> jax.Array:
+def max_norm(
+  x: PyTree, delta: PyTree, *, p: float | str = 2, lower: PyTree = 0.0, upper: PyTree = 1.0
+) -> jax.Array:
   """The largest ``‖clip(x + eta·delta, lower, upper) − x‖_p`` any ``eta`` reaches.
 
   Every coordinate with ``delta_i != 0`` moves to its bound, so this is the p-norm

@@ -7,13 +7,14 @@ they work under :func:`optax.inject_hyperparams`; ``p`` selects code paths and
 must stay static there (``static_args=("p",)``).
 """
 
-from typing import Any
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from clipjax import _checks, _norms
+from clipjax._typing import PyTree
 from clipjax.rescale import rescale
 
 _NO_PARAMS_MSG = (
@@ -52,9 +53,9 @@ def _settle(x, step, lower, upper):
 def clipping_aware_normalize(
   norm: jax.typing.ArrayLike,
   *,
-  p: float = 2,
-  lower: Any = 0.0,
-  upper: Any = 1.0,
+  p: float | str = 2,
+  lower: PyTree = 0.0,
+  upper: PyTree = 1.0,
 ) -> optax.GradientTransformation:
   r"""Rescales updates so that the *clipped* step has global p-norm ``norm``.
 
@@ -74,15 +75,6 @@ def clipping_aware_normalize(
   dtype. Naive normalization (``norm * delta / ||delta||_p``, then clipping)
   takes shorter steps than requested whenever a coordinate hits a bound.
 
-  Updates are added to params, so put this transformation last in a chain and
-  give it the direction to move in (e.g. after ``optax.scale(-1.0)`` to descend
-  the loss, or directly on the gradient to ascend it, as in attacks).
-
-  Under :func:`optax.inject_hyperparams`, ``norm`` may follow a schedule; ``p``
-  must be listed in ``static_args``. Scalar or array ``lower``/``upper`` become
-  hyperparameters stored in the state (cast to the params' dtype); pytree
-  bounds are not numeric hyperparameters and stay fixed in the closure.
-
   Args:
     norm: The global p-norm of each step, a Python float or JAX scalar >= 0.
     p: The norm: any float >= 1, or ``inf`` (``jnp.inf``, ``float("inf")`` or
@@ -97,6 +89,15 @@ def clipping_aware_normalize(
 
   Raises:
     ValueError: If ``p`` is not a valid norm or ``norm`` is a negative number.
+
+  Updates are added to params, so put this transformation last in a chain and
+  give it the direction to move in (e.g. after ``optax.scale(-1.0)`` to descend
+  the loss, or directly on the gradient to ascend it, as in attacks).
+
+  Under :func:`optax.inject_hyperparams`, ``norm`` may follow a schedule; ``p``
+  must be listed in ``static_args``. Scalar or array ``lower``/``upper`` become
+  hyperparameters stored in the state (cast to the params' dtype); pytree
+  bounds are not numeric hyperparameters and stay fixed in the closure.
 
   Example:
     >>> import jax.numpy as jnp
@@ -139,7 +140,7 @@ def clipping_aware_normalize(
 def clip_by_norm(
   max_norm: jax.typing.ArrayLike,
   *,
-  p: float = 2,
+  p: float | str = 2,
 ) -> optax.GradientTransformation:
   r"""Scales updates down so that their global p-norm is at most ``max_norm``.
 

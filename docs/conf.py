@@ -61,6 +61,12 @@ html_title = "clipjax"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"show_toc_level": 2}
+# One search box: the sidebar's field duplicated the header's search button (which also
+# answers Ctrl+K and stays visible when the sidebar is collapsed on small screens).
+html_sidebars = {"**": ["navbar-logo.html", "icon-links.html", "sbt-sidebar-nav.html"]}
+
+# `PyTree` (clipjax/_typing.py) is `Any` to Python; signatures show the name, unlinked.
+nitpick_ignore = [("py:class", "PyTree")]
 
 
 # Annotations hold objects, which autodoc names where they are defined
@@ -69,6 +75,7 @@ html_theme_options = {"show_toc_level": 2}
 # attribute types show the names that the projects document instead, so that they
 # read well and link.
 _DOCUMENTED_AS = {
+  "PyTree": clipjax._typing.PyTree,
   "jax.typing.ArrayLike": jax.typing.ArrayLike,
   "jax.Array": jax.Array,
   "optax.GradientTransformation": optax.GradientTransformation,

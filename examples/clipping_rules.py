@@ -70,25 +70,31 @@ def rules(data, seed):
 
 
 def _plot(results, epochs, path):
-  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-  x = np.arange(1, epochs + 1)
-  for name, r in results.items():
-    acc = np.asarray(r["accuracy"])  # (seeds, epochs)
-    (line,) = left.plot(x, acc.mean(0), label=name)
-    left.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
-    if r["adaptive"]:
-      norms = np.asarray(r["clip_norms"][0], dtype=float).reshape(epochs, -1)
-      for k in range(norms.shape[1]):
-        suffix = f" layer {k}" if norms.shape[1] > 1 else ""
-        right.plot(x, norms[:, k], label=f"{name}{suffix}")
-  left.set(xlabel="epoch", ylabel="test accuracy", title=f"same ε = {EPSILON:g}, δ = {pt.DELTA:g}")
-  right.set(xlabel="epoch", ylabel="clip norm (seed 0)", yscale="log", title="adaptive clip norms")
-  for ax in (left, right):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  # Two panels share the text column's width in the docs: fonts sized for that scale.
+  with plt.rc_context({"font.size": 13, "axes.titlesize": 13, "legend.fontsize": 11}):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    x = np.arange(1, epochs + 1)
+    for name, r in results.items():
+      acc = np.asarray(r["accuracy"])  # (seeds, epochs)
+      (line,) = left.plot(x, acc.mean(0), label=name)
+      left.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+      if r["adaptive"]:
+        norms = np.asarray(r["clip_norms"][0], dtype=float).reshape(epochs, -1)
+        for k in range(norms.shape[1]):
+          suffix = f" layer {k}" if norms.shape[1] > 1 else ""
+          right.plot(x, norms[:, k], label=f"{name}{suffix}")
+    left.set(
+      xlabel="epoch", ylabel="test accuracy", title=f"same ε = {EPSILON:g}, δ = {pt.DELTA:g}"
+    )
+    right.set(
+      xlabel="epoch", ylabel="clip norm (seed 0)", yscale="log", title="adaptive clip norms"
+    )
+    for ax in (left, right):
+      ax.grid(alpha=0.3)
+      ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _parse(argv):

@@ -86,27 +86,29 @@ def audit_one_step(data, params, sampler, sigma, trials, seed):
 
 
 def _plot(rows, baseline, epochs, path):
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-  for row in rows:
-    label = f"target ε = {row['target']:g} (σ = {row['sigma']:.2f})"
-    left.plot(row["epsilon_curve"], row["accuracy_curve"], "o-", ms=3, label=label)
-    right.plot(np.arange(1, epochs + 1), row["accuracy"], label=label)
-  right.plot(np.arange(1, epochs + 1), baseline, "k--", label="non-private")
-  left.axhline(baseline[-1], color="k", ls="--", label="non-private (final)")
-  left.set(xlabel=f"ε spent (PLD, δ = {DELTA:g})", ylabel="test accuracy", xscale="log")
-  # Plain labels at powers of two: the log axis's own minor labels overlap.
-  ticks = [2.0**k for k in range(-2, 4)]
-  left.set_xticks(ticks, [f"{t:g}" for t in ticks])
-  left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  right.set(xlabel="epoch", ylabel="test accuracy")
-  left.set_title("DP-SGD on digits: accuracy against privacy spent")
-  right.set_title("Poisson batches (expected 64), clip norm 1")
-  for ax in (left, right):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  # Two panels share the text column's width in the docs: fonts sized for that scale.
+  with plt.rc_context({"font.size": 13, "axes.titlesize": 13, "legend.fontsize": 11}):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for row in rows:
+      label = f"target ε = {row['target']:g} (σ = {row['sigma']:.2f})"
+      left.plot(row["epsilon_curve"], row["accuracy_curve"], "o-", ms=3, label=label)
+      right.plot(np.arange(1, epochs + 1), row["accuracy"], label=label)
+    right.plot(np.arange(1, epochs + 1), baseline, "k--", label="non-private")
+    left.axhline(baseline[-1], color="k", ls="--", label="non-private (final)")
+    left.set(xlabel=f"ε spent (PLD, δ = {DELTA:g})", ylabel="test accuracy", xscale="log")
+    # Plain labels at powers of two: the log axis's own minor labels overlap.
+    ticks = [2.0**k for k in range(-2, 4)]
+    left.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    right.set(xlabel="epoch", ylabel="test accuracy")
+    left.set_title("DP-SGD on digits: accuracy against privacy spent")
+    right.set_title("Poisson batches (expected 64), clip norm 1")
+    for ax in (left, right):
+      ax.grid(alpha=0.3)
+      ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _parse(argv):

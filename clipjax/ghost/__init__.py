@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipjax import _checks, _norms
+from clipjax._typing import PyTree
 from clipjax.ghost import _leaves, _walk
 
 __all__ = ["clipped_grad"]
@@ -254,13 +255,13 @@ _clipped_grad_jit = jax.jit(_clipped_grad_impl, static_argnums=(0, 1, 2))
 
 
 def clipped_grad(
-  loss_fn: Callable[..., Any],
-  clip_norm: Any,
+  loss_fn: Callable[..., jax.Array | tuple[jax.Array, PyTree]],
+  clip_norm: float | jax.Array | PyTree,
   *,
   has_aux: bool = False,
   scaling: str = "clip",
-  stability: Any = 0.01,
-) -> Callable[..., Any]:
+  stability: float | jax.Array = 0.01,
+) -> Callable[..., tuple[PyTree, PyTree] | tuple[tuple[PyTree, PyTree], PyTree]]:
   """Sum of per-example clipped gradients, and the per-example norms, at about the cost
   of one non-private gradient.
 
@@ -269,58 +270,6 @@ def clipped_grad(
   whole ``params`` pytree (or over each group of a group-wise ``clip_norm``): exactly
   what clipping ``jax.vmap(jax.grad(loss_fn))`` example by example and summing gives,
   without holding one gradient per example where the model allows.
-
-  The per-example loss is traced to a jaxpr once per input shape, and every place
-  where a parameter (possibly reshaped, transposed, sliced or cast) meets the
-  example's data is matched against a table of rules, also inside ``jax.jit``,
-  ``jax.checkpoint`` and ``lax.scan`` (stacked layers, flax ``nn.scan``):
-
-  ==========================  ===========================================================
-  rule                        recognises
-  ==========================  ===========================================================
-  ``dot_general``             ``@``, ``jnp.einsum``, ``jnp.dot``, flax ``Dense``,
-                              ``DenseGeneral``, attention projections, equinox
-                              ``Linear``; with or without a sequence axis or dot batch
-                              (head) axes
-  ``conv_general_dilated``    1-D, 2-D and 3-D convolutions with any strides, padding,
-                              dilations and feature groups (grouped, depthwise)
-  ``gather``                  embedding lookups: ``table[ids]``, ``jnp.take``, flax
-                              ``Embed``
-  ``mul``, ``add``, ``sub``,  elementwise scales and shifts by a broadcast parameter:
-  ``div``                     biases, LayerNorm, GroupNorm and RMSNorm scales
-  ==========================  ===========================================================
-
-  For the first three, one batched forward and backward pass gives every use's input
-  and output cotangent; the per-example squared norm then comes either from the Gram
-  form (``Σ_{t,s} (x_t·x_s)(g_t·g_s)`` over positions, ``[id_t = id_s] g_t·g_s`` for an
-  embedding: Li et al. 2022) or from the per-example gradient itself computed as one
-  batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022). A leaf
-  used several times (an embedding tied to the output projection, a layer applied
-  twice, a layer shared by a scan's iterations) gets the norm of the sum over its uses,
-  cross terms included. The clipped sum is one contraction per use of its inputs and
-  clip-weighted output cotangents (a matrix product as large as a plain step's weight
-  gradient, a scatter-add for an embedding): no second backward pass. Elementwise
-  parameters, and every leaf used in a way no rule recognises (inside ``cond``,
-  ``while``, ``custom_jvp`` or ``custom_vjp`` calls, transformed before use, ...), get
-  their per-example gradient from the same batched backward pass, as ``vmap(grad)``
-  would: exact, at that leaf's share of the per-example cost.
-
-  The norms are certified: each is an upper bound, in the arithmetic actually used,
-  of the norm of what the example contributes to the sum, whatever the input (Gram
-  sums that cancel carry a rigorous bound of their rounding error; factors are scaled
-  by powers of two before any inner product), so a crafted example can be over-clipped
-  but never passes unclipped. On benign data the bound is of the order of the unit
-  roundoff times the layer widths (``ghost._factors`` derives it).
-
-  Examples whose gradient is not finite contribute nothing (they are zeroed without
-  multiplying NaN by zero) and report an infinite norm; examples masked out contribute
-  nothing and report 0, whatever their data (padding may even produce NaN). Norms are
-  accumulated in at least float32, and so is the clipped sum (the parameters' dtype
-  promoted to float32): rounded to bfloat16 before the noise, one example could move
-  it by more than C. ``dp_noise`` adds the noise in that precision, and
-  ``optax.apply_updates`` casts the update to the parameters' dtype.
-  ``grad_fn`` is compiled with ``loss_fn`` as a static argument: reuse the same
-  ``loss_fn`` object to reuse the compilation (clip norms may change freely).
 
   Args:
     loss_fn: ``loss_fn(params, *example) -> loss`` (or ``(loss, aux)`` with ``has_aux``),
@@ -343,12 +292,69 @@ def clipped_grad(
     ``params``, and the unclipped per-example norms, a ``(batch,)`` array (a pytree like
     ``clip_norm`` of such arrays for group-wise clipping). With ``has_aux`` it returns
     ``((clipped_sum, norms), aux)``, every example's aux stacked on a leading axis.
+    ``params`` holds the trainable floating-point arrays only: from a flax NNX model,
+    ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``; from an equinox
+    one, ``params, static = eqx.partition(model, eqx.is_inexact_array)``.
 
   Raises:
     ValueError: eagerly, naming the argument: a negative or NaN clip norm, a
       ``clip_norm`` that is no prefix of ``params``, an unknown ``scaling``, a
       non-positive ``stability``, a mask of the wrong shape or dtype, batch arguments
-      without a common leading axis, a loss that is not a scalar.
+      without a common leading axis, a loss that is not a scalar, a leaf of ``params``
+      that cannot be differentiated (integer or key arrays, functions: its path and the
+      fix are named).
+
+  **How it works.** The per-example loss is traced to a jaxpr once per input shape,
+  and every place where a parameter (possibly reshaped, transposed, sliced or cast)
+  meets the example's data is matched against a table of rules, also inside ``jax.jit``,
+  ``jax.checkpoint`` and ``lax.scan`` (stacked layers, flax ``nn.scan``):
+
+  ==================================  =========================================================
+  rule                                recognises
+  ==================================  =========================================================
+  ``dot_general``                     ``@``, ``jnp.einsum``, ``jnp.dot``, flax ``Dense``,
+                                      ``DenseGeneral``, attention projections, equinox
+                                      ``Linear``; with or without a sequence axis or dot batch
+                                      (head) axes
+  ``conv_general_dilated``            1-D, 2-D and 3-D convolutions with any strides, padding,
+                                      dilations and feature groups (grouped, depthwise)
+  ``gather``                          embedding lookups: ``table[ids]``, ``jnp.take``, flax
+                                      ``Embed``
+  ``mul``, ``add``, ``sub``, ``div``  elementwise scales and shifts by a broadcast parameter:
+                                      biases, LayerNorm, GroupNorm and RMSNorm scales
+  ==================================  =========================================================
+
+  For the first three, one batched forward and backward pass gives every use's input
+  and output cotangent; the per-example squared norm then comes either from the Gram
+  form (``Σ_{t,s} (x_t·x_s)(g_t·g_s)`` over positions, ``[id_t = id_s] g_t·g_s`` for an
+  embedding: Li et al. 2022) or from the per-example gradient itself computed as one
+  batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022). A leaf
+  used several times (an embedding tied to the output projection, a layer applied
+  twice, a layer shared by a scan's iterations) gets the norm of the sum over its uses,
+  cross terms included. The clipped sum is one contraction per use of its inputs and
+  clip-weighted output cotangents (a matrix product as large as a plain step's weight
+  gradient, a scatter-add for an embedding): no second backward pass. Elementwise
+  parameters, and every leaf used in a way no rule recognises (inside ``cond``,
+  ``while``, ``custom_jvp`` or ``custom_vjp`` calls, transformed before use, ...), get
+  their per-example gradient from the same batched backward pass, as ``vmap(grad)``
+  would: exact, at that leaf's share of the per-example cost.
+
+  The norms are certified: each is an upper bound, in the arithmetic actually used,
+  of the norm of what the example contributes to the sum, whatever the input (Gram
+  sums that cancel carry a rigorous bound of their rounding error; factors out of
+  range are scaled by powers of two before any inner product), so a crafted example
+  can be over-clipped but never passes unclipped. On benign data the bound is of the
+  order of the unit roundoff times the layer widths (``ghost._factors`` derives it).
+
+  Examples whose gradient is not finite contribute nothing (they are zeroed without
+  multiplying NaN by zero) and report an infinite norm; examples masked out contribute
+  nothing and report 0, whatever their data (padding may even produce NaN). Norms are
+  accumulated in at least float32, and so is the clipped sum (the parameters' dtype
+  promoted to float32): rounded to bfloat16 before the noise, one example could move
+  it by more than C. ``dp_noise`` adds the noise in that precision, and
+  ``optax.apply_updates`` casts the update to the parameters' dtype.
+  ``grad_fn`` is compiled with ``loss_fn`` as a static argument: reuse the same
+  ``loss_fn`` object to reuse the compilation (clip norms may change freely).
 
   Example:
     >>> import jax, jax.numpy as jnp, clipjax
@@ -382,6 +388,7 @@ def clipped_grad(
   _norms.check_scaling(scaling, stability)
 
   def grad_fn(params, *batch, mask=None):
+    _checks.check_differentiable(params)
     _norms.groups(clip_norm, params)
     size = _checks.batch_size(batch, "batch arguments")
     mask = _checks.check_mask(mask, size)
