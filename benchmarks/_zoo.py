@@ -124,13 +124,31 @@ class Block(nn.Module):
     return x + nn.Dense(x.shape[-1])(nn.gelu(h))
 
 
+class _ScannedBlock(nn.Module):
+  """A block in the form ``nn.scan`` stacks: ``(carry, None) -> (carry, None)``."""
+
+  heads: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    return Block(self.heads, self.hidden)(x), None
+
+
 class TransformerLM(nn.Module):
-  """Token and learned position embeddings, blocks, LayerNorm, logits by the tied table."""
+  """Token and learned position embeddings, blocks, LayerNorm, logits by the tied table.
+
+  With ``scan``, the blocks' parameters are stacked on a leading axis and the blocks
+  run as one ``lax.scan`` (``nn.scan``), as large language models are usually written.
+  """
 
   vocab: int = 32000
   width: int = 128
   blocks: int = 2
   length: int = 64
+  heads: int = 4
+  hidden: int = 512
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -139,16 +157,27 @@ class TransformerLM(nn.Module):
       "positions", nn.initializers.normal(0.02), (self.length, self.width), jnp.float32
     )
     x = embed(tokens) + positions[: tokens.shape[0]]
-    for _ in range(self.blocks):
-      x = Block()(x)
+    if self.scan:
+      stack = nn.scan(
+        _ScannedBlock,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=self.blocks,
+      )
+      x, _ = stack(self.heads, self.hidden)(x, None)
+    else:
+      for _ in range(self.blocks):
+        x = Block(self.heads, self.hidden)(x)
     return embed.attend(nn.LayerNorm()(x))
 
 
-def _transformer(batch, rng, vocab=32000, length=64):
-  model = TransformerLM(vocab=vocab, length=length)
+def _transformer(batch, rng, vocab=32000, length=64, **shape):
+  """The tied-embedding LM (``shape``: ``TransformerLM``'s other fields) on random tokens."""
+  model = TransformerLM(vocab=vocab, length=length, **shape)
+  width = model.width
   tokens = jnp.asarray(rng.integers(0, vocab, (batch, length + 1)), jnp.int32)
   params = _fill(jax.eval_shape(model.init, jax.random.key(0), tokens[0, :-1]), rng)
-  params = jax.tree.map(lambda a: a * 0.1 if a.shape == (vocab, 128) else a, params)
+  params = jax.tree.map(lambda a: a * 0.1 if a.shape == (vocab, width) else a, params)
 
   def loss(params, tokens):
     logits = model.apply(params, tokens[:-1])
@@ -169,6 +198,17 @@ MODELS = {
 }
 
 
+# GPT-2-shaped language models (width 768, 12 heads, MLP 3072, the 50257-token
+# vocabulary tied to the output projection): two blocks on short sequences (the shape
+# whose compile time issue 23 measured), and GPT-2 small (12 blocks stacked by scan).
+_GPT2 = dict(vocab=50257, width=768, heads=12, hidden=3072)
+
+LARGE = {
+  "gpt2_2block": lambda rng: _transformer(2, rng, length=16, blocks=2, **_GPT2),
+  "gpt2_small": lambda rng: _transformer(4, rng, length=256, blocks=12, scan=True, **_GPT2),
+}
+
+
 def build(name: str, seed: int = 0):
-  """``(loss_fn, params, batch)`` of the named zoo model."""
-  return MODELS[name](np.random.default_rng(seed))
+  """``(loss_fn, params, batch)`` of the named zoo (or large) model."""
+  return {**MODELS, **LARGE}[name](np.random.default_rng(seed))

@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from clipjax.ghost import _rules
+from clipjax.ghost import _layout, _rules
 
 # Provenance of a value (a `View` is the fourth kind).
 CONST = "const"  # depends on neither parameters nor the example
@@ -294,9 +294,8 @@ def _evaluate_scan(eqn, ins, path, inner, taps, records):
 
 
 def replay_layout(chain, x):
-  """``chain`` applied to ``x`` as a pure rearrangement (casts skipped), in NumPy for an
-  array of leaf element indices or in JAX for values."""
-  xp = jnp if isinstance(x, jax.Array) else np
+  """``chain`` applied to ``x`` as a pure rearrangement (casts skipped): in JAX for
+  values, or on a ``_layout.Strided`` description of the leaf's element indices."""
   for eqn in chain:
     name, p = eqn.primitive.name, eqn.params
     if name == "reshape":
@@ -313,11 +312,14 @@ def replay_layout(chain, x):
         tuple(slice(a, b, s) for a, b, s in zip(p["start_indices"], p["limit_indices"], strides))
       ]
     elif name == "broadcast_in_dim":
+      if isinstance(x, _layout.Strided):
+        x = x.broadcast_in_dim(p["shape"], p["broadcast_dimensions"])
+        continue
       shape = list(p["shape"])
       expanded = [1] * len(shape)
       for axis, d in zip(p["broadcast_dimensions"], x.shape):
         expanded[axis] = d
-      x = xp.broadcast_to(x.reshape(expanded), shape)
+      x = jnp.broadcast_to(x.reshape(expanded), shape)
     elif name not in _ELEMENTWISE:
       raise NotImplementedError(name)  # find_uses admits no other view equation
   return x
