@@ -90,7 +90,7 @@ def register_rule(primitive, rule: Rule) -> None:
 
   Args:
     primitive: a ``jax.extend.core.Primitive``.
-    rule: an instance of a :class:`Rule` subclass.
+    rule: an instance of a :class:`Rule` subclass, or None to remove the rule.
 
   Raises:
     TypeError: ``primitive`` is no primitive, or ``rule`` no :class:`Rule`.
@@ -102,6 +102,9 @@ def register_rule(primitive, rule: Rule) -> None:
   """
   if not isinstance(primitive, jex_core.Primitive):
     raise TypeError(f"primitive must be a jax.extend.core.Primitive, got {primitive!r}.")
+  if rule is None:
+    _RULES.pop(primitive, None)
+    return
   if not isinstance(rule, Rule):
     raise TypeError(f"rule must be an instance of clipjax.ghost.Rule, got {rule!r}.")
   _RULES[primitive] = rule
