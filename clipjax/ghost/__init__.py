@@ -254,7 +254,7 @@ class UsePlan(NamedTuple):
 
 
 class LeafPlan(NamedTuple):
-  """How :func:`clipped_grad` takes one leaf's per-example gradient.
+  """How :func:`clipjax.clipped_grad` takes one leaf's per-example gradient.
 
   Attributes:
     form: ``"ghost"``, ``"explicit"`` or ``"ghost+explicit"`` (its recognised uses'

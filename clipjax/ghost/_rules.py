@@ -81,7 +81,7 @@ class Rule:
 _RULES: dict = {}
 
 
-def register_rule(primitive, rule: Rule) -> None:
+def register_rule(primitive, rule) -> None:
   """Makes :func:`clipjax.clipped_grad` take uses of parameters by ``primitive`` with ``rule``.
 
   Rules are keyed by the primitive object (``jax.lax.dot_general_p``, or your own
@@ -110,7 +110,7 @@ def register_rule(primitive, rule: Rule) -> None:
   _RULES[primitive] = rule
 
 
-def rule_for(primitive) -> Rule | None:
+def rule_for(primitive):
   """The rule registered for ``primitive``, or None."""
   return _RULES.get(primitive)
 
