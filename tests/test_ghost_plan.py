@@ -5,6 +5,7 @@ is checked against the float64 per-example oracle.
 """
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,6 @@ def _fallback_model():
 
 _REASONS = {
   "['sin']": "transformed by `sin` before use",
-  "['bias']": "used by `add`, which has no rule (see clipjax.ghost.register_rule)",
   "['cond']": "used inside `cond` (branches are not analysed)",
   "['custom']": "used inside a `custom_vjp` function (its gradient is its own)",
   "['carry']": "carried through a `scan`",
@@ -72,6 +72,8 @@ def test_plan_reports_every_fallback_with_its_reason():
     "ghost", (ghost.UsePlan("dot_general", "DotGeneral", "ghost"),), ()
   )
   assert report["['unused']"] == ghost.LeafPlan("unused", (), ())
+  by_design = "elementwise `add` with data (a small per-example gradient, by design)"
+  assert report["['bias']"] == ghost.LeafPlan("pass", (), (by_design,))
   for path, reason in _REASONS.items():
     assert report[path].form == "pass", path
     assert reason in report[path].reasons, (path, report[path].reasons)
@@ -84,15 +86,18 @@ def test_fallback_warning_names_leaves_and_reasons():
   message = str(record[0].message)
   for path, reason in _REASONS.items():
     assert f"{path}: " in message and reason in message
-  assert "['dense']" not in message and "['unused']" not in message
+  assert not any(f"{p}: " in message for p in ("['dense']", "['unused']", "['bias']"))
 
 
 def test_clipped_grad_warns_on_fallback_only_when_asked():
   params = {"w": _normal(1, (3, 2)), "b": _normal(2, (2,))}
   x = _normal(3, (4, 3), jnp.float32)
-  loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
-  with pytest.warns(ghost.FallbackWarning, match=r"\['b'\]: used by `add`"):
+  loss = lambda p, x: jnp.sum(jnp.tanh(x @ jnp.sin(p["w"]) + p["b"]))
+  with pytest.warns(ghost.FallbackWarning, match=r"1 leaves[^[]*\['w'\]: transformed by `sin`"):
     clipjax.clipped_grad(loss, 1.0, warn_fallback=True)(params, x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    clipjax.clipped_grad(loss, 1.0)(params, x)
 
 
 class _Scale(ghost.Rule):

@@ -287,9 +287,13 @@ def _fallback_message(paths, reasons) -> str:
 
 
 def _warn_fallback(params, reasons) -> None:
-  """Warns (once per compilation) which leaves fall back, and why."""
-  if reasons:
-    warnings.warn(_fallback_message(_paths(params), reasons), FallbackWarning, stacklevel=2)
+  """Warns (once per compilation) which leaves fall back, and why: not the biases and
+  normalization scales, which are in the pass by design."""
+  slow = {
+    k: why for k, why in reasons.items() if any(not r.startswith(_walk.BY_DESIGN) for r in why)
+  }
+  if slow:
+    warnings.warn(_fallback_message(_paths(params), slow), FallbackWarning, stacklevel=2)
 
 
 def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
@@ -306,7 +310,9 @@ def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
     loss_fn: as for :func:`clipjax.clipped_grad`, the loss of ONE example.
     params: the parameters.
     *batch: the batch arguments, with a leading batch axis.
-    warn: also emit a :class:`FallbackWarning` listing the leaves that fall back.
+    warn: also emit a :class:`FallbackWarning` listing the leaves that fall back
+      (other than biases and normalization scales: elementwise uses, which are in
+      the pass by design).
 
   Returns:
     ``{path: LeafPlan(form, uses, reasons)}`` in the order of ``params``' leaves.
@@ -319,7 +325,7 @@ def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
     >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones(4)}
     >>> for path, leaf in ghost.plan(loss, params, jnp.ones((8, 2, 3))).items():
     ...   print(path, leaf.form, [u.form for u in leaf.uses], leaf.reasons)
-    ['b'] pass [] ('used by `add`, which has no rule (see clipjax.ghost.register_rule)',)
+    ['b'] pass [] ('elementwise `add` with data (a small per-example gradient, by design)',)
     ['v'] pass [] ('transformed by `sin` before use',)
     ['w'] ghost ['ghost'] ()
   """
@@ -438,7 +444,8 @@ def clipped_grad(
     stability: the ``γ > 0`` of ``"automatic"``.
     warn_fallback: emit a :class:`clipjax.ghost.FallbackWarning` (once per
       compilation) naming every leaf whose per-example gradient falls back to the
-      batched backward pass, and why; :func:`clipjax.ghost.plan` reports the same
+      batched backward pass, and why (biases and normalization scales, in the pass
+      by design, are not named); :func:`clipjax.ghost.plan` reports every leaf
       without compiling.
 
   Returns:

@@ -56,6 +56,12 @@ _OPAQUE = {
 }
 
 
+# Elementwise arithmetic with data: biases, normalization scales. No rule is needed, by
+# design: the per-example gradient is as small as the leaf, formed in the pass.
+_ELEMENTWISE_USES = frozenset({prims.add_p, prims.sub_p, prims.mul_p, prims.div_p})
+BY_DESIGN = "elementwise"  # how the reasons of such uses start
+
+
 def _callee(eqn):
   """The closed jaxpr a call equation runs."""
   return eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
@@ -158,6 +164,8 @@ def _why(eqn, kinds, rule) -> str:
     return _OPAQUE[eqn.primitive]
   if "data" not in kinds:
     return f"transformed by `{name}` before use"
+  if eqn.primitive in _ELEMENTWISE_USES and rule is None:
+    return f"{BY_DESIGN} `{name}` with data (a small per-example gradient, by design)"
   if rule is not None:
     return f"`{name}` use not recognised by its rule ({type(rule).__name__})"
   return f"used by `{name}`, which has no rule (see clipjax.ghost.register_rule)"
