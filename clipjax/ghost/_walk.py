@@ -62,6 +62,31 @@ _ELEMENTWISE_USES = frozenset({prims.add_p, prims.sub_p, prims.mul_p, prims.div_
 BY_DESIGN = "elementwise"  # how the reasons of such uses start
 
 
+class _Slice(NamedTuple):
+  """A ``slice`` equation standing for one output of a ``split`` (in a view's chain)."""
+
+  primitive: Any
+  params: dict
+  outvars: list
+
+
+def _split_slices(eqn) -> list:
+  """``split``'s outputs as slices of its operand (a fused QKV kernel, say): each a view."""
+  shape, axis = eqn.invars[0].aval.shape, eqn.params["axis"]
+  slices, start = [], 0
+  for v in eqn.outvars:
+    stop = start + v.aval.shape[axis]
+    starts = [start if a == axis else 0 for a in range(len(shape))]
+    limits = [stop if a == axis else n for a, n in enumerate(shape)]
+    slices.append(
+      _Slice(
+        prims.slice_p, {"start_indices": starts, "limit_indices": limits, "strides": None}, [v]
+      )
+    )
+    start = stop
+  return slices
+
+
 def _callee(eqn):
   """The closed jaxpr a call equation runs."""
   return eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
@@ -188,6 +213,9 @@ def _analyse(jaxpr, provenances, path, lengths, found) -> list:
     elif prim in _VIEWS and len(ins) == 1 and isinstance(ins[0], View):
       view = ins[0]
       outs = [View(view.leaf, view.chain + (eqn,), view.scanned)]
+    elif prim is lax.split_p and isinstance(ins[0], View):
+      view = ins[0]
+      outs = [View(view.leaf, view.chain + (s,), view.scanned) for s in _split_slices(eqn)]
     else:
       rule = _rules.rule_for(prim)
       kinds = [_kind(p) for p in ins]
