@@ -205,8 +205,10 @@ def _clipped_grad(
   for k, g in zip(in_pass, pass_grads):
     explicit[group_of[k]][k] = g
   terms = [[] for _ in clip_norms]
+  slack = [[] for _ in clip_norms]
   for k, part in parts.items():
     terms[group_of[k]] += part.terms
+    slack[group_of[k]] += part.slack
     if part.explicit is not None:
       explicit[group_of[k]][k] = part.explicit
   clipped = [jnp.zeros_like(leaf) for leaf in leaves]
@@ -215,7 +217,7 @@ def _clipped_grad(
     counted = {
       k: g for k, g in explicit[j].items() if not (k in parts and parts[k].explicit_in_terms)
     }
-    norm_parts = [_leaves.root(terms[j])] if terms[j] else []
+    norm_parts = [_leaves.root(terms[j], slack[j])] if terms[j] else []
     if counted:
       norm_parts.append(_norms.norms(_pack(counted, in_pass)[0], 2.0, 1, mask))
     if not norm_parts:  # a group the loss does not depend on
@@ -421,6 +423,13 @@ def clipped_grad(
   from the same batched backward pass, as ``vmap(grad)`` would: exact, at that leaf's
   share of the per-example cost. :func:`clipjax.ghost.plan` says which leaves do and
   why.
+
+  The norms are certified: each is an upper bound, in the arithmetic actually used,
+  of the norm of what the example contributes to the sum, whatever the input (Gram
+  sums that cancel carry a rigorous bound of their rounding error; factors are scaled
+  by powers of two before any inner product), so a crafted example can be over-clipped
+  but never passes unclipped. On benign data the bound is of the order of the unit
+  roundoff times the layer widths (``ghost._factors`` derives it).
 
   Examples whose gradient is not finite contribute nothing (they are zeroed without
   multiplying NaN by zero) and report an infinite norm; examples masked out contribute

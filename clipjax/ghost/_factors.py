@@ -19,10 +19,36 @@ here works on that form, batched over examples:
   iteration (more blocks);
 * :func:`layout` says which leaf element every ``(h, l, r)`` is (by strides, see
   ``_layout``), so that two uses can be matched.
+
+**Certified norms.** Differential privacy needs every norm that a clip weight is
+computed from to be an *upper bound* of the norm of what enters the sum, for every
+input: a norm that comes out low lets an example through unclipped. Two things make
+the Gram form come out low in floating point, and both are closed here:
+
+* *Range.* :func:`normalize` divides every example's ``a`` and ``b`` by the powers of
+  two of their largest magnitudes (exact) before any inner product, so that no
+  product of four factors overflows or underflows where the norm itself does not;
+  the powers are carried as an exponent.
+* *Cancellation.* ``Σ_{p,q} λ_pq ρ_pq`` cancels (near-identical positions with nearly
+  opposite cotangents), and its rounding error scales with ``Σ|λ_pq ρ_pq|``, not with
+  the result. :func:`cross` and :func:`against` return, next to each value, a bound
+  of its rounding error from Higham's ``γ_n = n·u/(1 − n·u)`` (``u`` the unit
+  roundoff of the accumulation dtype; a sum of ``n`` rounded terms, in any order, is
+  within ``γ_n Σ|terms|`` of the exact sum), derived in their docstrings; and
+  :func:`contraction_slack` bounds how far a use's contribution to the clipped sum,
+  formed by its own contraction, can stray from ``w_i G_i``. ``_leaves.root`` adds the
+  bounds before the square root and the slack after it, so rounding can over-clip an
+  ill-conditioned example but never under-clip one. On benign data the bounds are of
+  the order of ``(l + r)·u`` relative (``l``, ``r`` the inner products' lengths).
+
+Sums of non-negative terms (the explicit gradients' norms, as ``per_example_clip``
+computes them) are trusted to their relative rounding, as any norm is: nothing cancels
+in them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -164,45 +190,179 @@ def inner(x, x_indexed, y, y_indexed):
 
 class Scaled(NamedTuple):
   """Per-example values ``value · 2^exponent`` (a squared norm can overflow where the
-  norm itself does not)."""
+  norm itself does not), each within ``bound · 2^exponent`` of the exact value."""
 
   value: jax.Array
   exponent: jax.Array
+  bound: jax.Array
+
+
+class Normalized(NamedTuple):
+  """A use's factors divided per example by powers of two (exact), with their norms.
+
+  Attributes:
+    factors: ``a`` and ``b`` with every example's largest magnitude in ``[1/2, 1)``
+      (indices are left alone): example ``i``'s gradient is
+      ``2^exponent_i · Σ_p a_ip ⊗ b_ip``.
+    exponent: ``(batch,)`` int32.
+    norm_a: ``(batch, H, P)`` norms ``‖a_hp‖`` (ones for one-hot rows).
+    norm_b: ``(batch, H, P)`` norms ``‖b_hp‖``.
+  """
+
+  factors: Factors
+  exponent: jax.Array
+  norm_a: jax.Array
+  norm_b: jax.Array
+
+  @property
+  def spread(self) -> jax.Array:
+    """``(batch, H)``: ``S_h = Σ_p ‖a_hp‖‖b_hp‖``, the triangle-inequality bound of the
+    block's gradient norm that scales the rounding errors below."""
+    return jnp.sum(self.norm_a * self.norm_b, axis=2)
+
+
+def unit_roundoff(dtype) -> float:
+  return float(jnp.finfo(dtype).eps) / 2
+
+
+def gamma(n: int, dtype) -> float:
+  """Higham's ``γ_n = n·u / (1 − n·u)``: a sum of ``n`` rounded operations, in any
+  order, is within ``γ_n · Σ|terms|`` of the exact one."""
+  nu = n * unit_roundoff(dtype)
+  return nu / (1 - nu) if nu < 0.5 else math.inf
 
 
 def _top_exponent(x):
-  """Per example, about the power of two of the largest magnitude (0 for all zeros).
-
-  Any integer near it serves: dividing by an exact power of two is exact.
-  """
+  """Per example, the ``frexp`` exponent of the largest magnitude (0 for all zeros):
+  dividing by its power of two puts the row's magnitudes in ``[0, 1)``, exactly."""
   top = jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)))
-  log2 = jnp.floor(jnp.log2(jnp.where(top > 0, top, 1)))
+  exponent = jnp.frexp(top)[1]
   # Not finite only for non-finite entries, which make the example non-finite anyway.
-  return jnp.where(jnp.isfinite(log2), log2, 0).astype(jnp.int32)
+  return jnp.where(jnp.isfinite(top), exponent, 0).astype(jnp.int32)
 
 
 def _per_example(v, like):
   return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
 
-def cross(f: Factors, g: Factors, swapped: bool = False) -> Scaled:
-  """``⟨G_i, G'_i⟩`` per example; ``swapped`` when ``g``'s ``L`` is ``f``'s ``R``.
+def normalize(f: Factors) -> Normalized:
+  """``f`` scaled per example so that no inner product of its factors leaves the float
+  range (the Gram form multiplies four of them), with the norms of its positions."""
+  eb = _top_exponent(f.b)
+  b = _norms.times_pow2(f.b, -_per_example(eb, f.b))
+  norm_b = jnp.sqrt(jnp.sum(b * b, axis=-1))
+  if f.indexed:
+    return Normalized(f._replace(b=b), eb, jnp.ones_like(norm_b), norm_b)
+  ea = _top_exponent(f.a)
+  a = _norms.times_pow2(f.a, -_per_example(ea, f.a))
+  norm_a = jnp.sqrt(jnp.sum(a * a, axis=-1))
+  return Normalized(f._replace(a=a, b=b), ea + eb, norm_a, norm_b)
 
-  The two Gram products are divided by the powers of two of their largest entries
-  before they are multiplied, so that a gradient whose squared norm passes the
-  largest float is still measured (and clipped, not dropped).
+
+def plain(f: Factors, weighted_dtype) -> tuple[Scaled, Scaled]:
+  """The squared norm and contraction slack of a use without positions, on its own.
+
+  ``‖G_h‖ = ‖a_h‖‖b_h‖``: a product of two norms, nothing cancels, so it needs no
+  bound, and the range-safe norms of ``_norms`` (one pass in the common case) replace
+  :func:`normalize`'s scaling passes. The contraction of one outer product per example
+  rounds each entry once or twice: its slack is ``(γ_2 + 3u_w)`` times the norm.
   """
+  n_b = _norms.norms([f.b[:, :, 0]], 2.0, 2)
+  mantissa, exponent = jnp.frexp(n_b.unit)
+  exponent = exponent + n_b.exponent
+  if not f.indexed:
+    n_a = _norms.norms([f.a[:, :, 0]], 2.0, 2)
+    m_a, e_a = jnp.frexp(n_a.unit)
+    mantissa, exponent = mantissa * m_a, exponent + e_a + n_a.exponent
+  top = jnp.max(exponent, axis=1)
+  units = _norms.times_pow2(mantissa, exponent - top[:, None])  # (batch, H), each <= 1
+  value = jnp.sum(units * units, axis=1)
+  dtype = value.dtype
+  relative = gamma(2, dtype) + 3 * unit_roundoff(weighted_dtype)
+  slack = relative * jnp.sum(units, axis=1) * (1 + gamma(f.blocks + 4, dtype))
+  slack = slack + 4 * float(jnp.finfo(dtype).tiny)
+  zero = jnp.zeros_like(value)
+  return Scaled(value, 2 * top, zero), Scaled(slack, top, zero)
+
+
+def _inexact_length(x, x_indexed, y, y_indexed) -> int:
+  """The summation length of :func:`inner`'s products (0 where they are exact picks)."""
+  return 0 if x_indexed or y_indexed else x.shape[-1]
+
+
+def _outer(x, y):
+  return x[..., :, None] * y[..., None, :]
+
+
+def cross(f: Normalized, g: Normalized, swapped: bool = False) -> Scaled:
+  """``⟨G_i, G'_i⟩`` per example with a certified bound of its rounding error;
+  ``swapped`` when ``g``'s ``L`` is ``f``'s ``R``.
+
+  The bound. Per block, write ``λ_pq = a_p·a'_q`` and ``ρ_pq = b_p·b'_q`` (``a'``,
+  ``b'`` exchanged when swapped), ``n`` for the number of products ``λ_pq ρ_pq``
+  summed and ``l``, ``r`` for the lengths of the two inner products (0 for a one-hot
+  side, whose products are exact picks). Higham's bounds give ``|λ̂ − λ| <= γ_l
+  ‖a_p‖‖a'_q‖`` and ``|ρ̂ − ρ| <= γ_r ‖b_p‖‖b'_q‖``, and summing the rounded products
+  adds at most ``γ_n Σ|λ̂ ρ̂|``. With ``|λ| <= |λ̂| + γ_l ‖a_p‖‖a'_q‖``,
+
+      |computed − exact| <= γ_n Σ|λ̂ρ̂| + γ_l Σ ‖a_p‖‖a'_q‖ |ρ̂_pq|
+                            + γ_r Σ |λ̂_pq| ‖b_p‖‖b'_q‖ + γ_l γ_r Σ_h S_h S'_h,
+
+  every sum formed from the ``P x Q`` products already in memory (the last by
+  Cauchy–Schwarz from the spreads). The bound is then widened by the rounding of its
+  own evaluation (``γ`` of its length) and by an absolute floor for results flushed to
+  zero (every magnitude here is at most ``l·r``, the factors being scaled below 1). A
+  single outer product of one use with itself (no positions) is a product of two sums
+  of squares: nothing cancels, its relative rounding is that of any norm, and it
+  carries no bound.
+  """
+  fa, ga = f.factors, g.factors
   if swapped:
-    left = inner(f.a, f.indexed, g.b, False)
-    right = inner(f.b, False, g.a, g.indexed)
+    pairs = ((fa.a, fa.indexed, ga.b, False), (fa.b, False, ga.a, ga.indexed))
+    norms = ((f.norm_a, g.norm_b), (f.norm_b, g.norm_a))
   else:
-    left = inner(f.a, f.indexed, g.a, g.indexed)
-    right = inner(f.b, False, g.b, False)
+    pairs = ((fa.a, fa.indexed, ga.a, ga.indexed), (fa.b, False, ga.b, False))
+    norms = ((f.norm_a, g.norm_a), (f.norm_b, g.norm_b))
+  left, right = (inner(*pair) for pair in pairs)
   left = left.astype(right.dtype)
-  e_left, e_right = _top_exponent(left), _top_exponent(right)
-  left = _norms.times_pow2(left, -_per_example(e_left, left))
-  right = _norms.times_pow2(right, -_per_example(e_right, right))
-  return Scaled(jnp.sum(left * right, axis=(1, 2, 3)), e_left + e_right)
+  products = left * right
+  value = jnp.sum(products, axis=(1, 2, 3))
+  dtype = right.dtype
+  exponent = f.exponent + g.exponent
+  if f is g and fa.positions == 1:
+    return Scaled(value, exponent, jnp.zeros_like(value))
+  n_left, n_right = (_inexact_length(*pair) for pair in pairs)
+  n = math.prod(products.shape[1:])
+  g_n, g_l, g_r = gamma(n, dtype), gamma(n_left, dtype), gamma(n_right, dtype)
+  left_norms, right_norms = _outer(*norms[0]), _outer(*norms[1])
+  error = g_n * jnp.abs(products)
+  if n_left:
+    error = error + g_l * left_norms * jnp.abs(right)
+  error = error + g_r * jnp.abs(left) * right_norms
+  bound = jnp.sum(error, axis=(1, 2, 3)) + g_l * g_r * jnp.sum(f.spread * g.spread, axis=1)
+  own = gamma(n_left + n_right + n + fa.positions + ga.positions + 16, dtype)
+  tiny = float(jnp.finfo(dtype).tiny)
+  floor = 4 * (n_left + n_right + n + 16) * (1 + n_left) * (1 + n_right) * tiny
+  return Scaled(value, exponent, bound * (1 + own) / (1 - g_n) + floor)
+
+
+def contraction_slack(f: Normalized, weighted_dtype) -> Scaled:
+  """How far the clipped sum's contraction of this use can stray from ``w_i G_i``, per
+  unit weight, in norm units.
+
+  The contraction ``Σ_p a_p ⊗ w b_p`` rounds each entry's ``P`` products and their sum
+  (``γ_(P+1)`` relative to ``Σ_p |a_pl||w b_pr|``), and the weighted operand is
+  rounded once or twice to its own dtype (``weighted_dtype``: ``3u`` covers the cast
+  weight and the product); both are at most those factors times ``w S``.
+  """
+  dtype = f.spread.dtype
+  p = f.factors.positions
+  total = jnp.sum(f.spread, axis=1)
+  own = gamma(p + f.factors.blocks + f.factors.size_r + f.factors.size_l + 8, dtype)
+  floor = 4 * (p + 8) * float(jnp.finfo(dtype).tiny)
+  relative = gamma(p + 1, dtype) + 3 * unit_roundoff(weighted_dtype)
+  value = relative * total * (1 + own) + floor
+  return Scaled(value, f.exponent, jnp.zeros_like(value))
 
 
 def explicit(f: Factors) -> jax.Array:
@@ -234,10 +394,27 @@ def summed(f: Factors) -> jax.Array:
   return jnp.einsum("bhpr,bhpl->hrl", f.b, f.a, **kw).swapaxes(1, 2)
 
 
-def against(f: Factors, s) -> jax.Array:
-  """``⟨G_i, S_i⟩`` per example for explicit ``s`` of shape ``(batch, H, L, R)``."""
-  if f.indexed:
-    picked = jnp.take_along_axis(s, f.a[..., None], axis=2)  # (batch, H, P, R)
-    return jnp.sum(picked * f.b, axis=(1, 2, 3))
-  sb = jnp.einsum("bhlr,bhpr->bhpl", s, f.b, precision=_HIGHEST)
-  return jnp.sum(sb * f.a, axis=(1, 2, 3))
+def against(f: Normalized, s, s_exponent, s_norm) -> Scaled:
+  """``⟨G_i, S_i⟩`` per example for explicit ``s`` of shape ``(batch, H, L, R)``, given
+  already divided by ``2^s_exponent`` per example, with its Frobenius norm ``s_norm``.
+
+  Each term ``a_pl s_lr b_pr`` passes through at most ``R + H·P·L + 1`` roundings (one
+  inner product over ``R``, then one sum), and ``Σ_{p,l,r} |a_pl||s_lr||b_pr|
+  <= ‖s‖ Σ_p ‖a_p‖‖b_p‖`` (Cauchy–Schwarz), so the error is at most
+  ``γ_(R + HPL + 1) ‖s‖ S`` (plus a floor for flushed products).
+  """
+  fa = f.factors
+  dtype = fa.b.dtype
+  if fa.indexed:
+    picked = jnp.take_along_axis(s, fa.a[..., None], axis=2)  # (batch, H, P, R)
+    value = jnp.sum(picked * fa.b, axis=(1, 2, 3))
+    n = math.prod(fa.b.shape[1:])
+  else:
+    sb = jnp.einsum("bhlr,bhpr->bhpl", s, fa.b, precision=_HIGHEST)
+    value = jnp.sum(sb * fa.a, axis=(1, 2, 3))
+    n = fa.size_r + fa.blocks * fa.positions * fa.size_l + 1
+  own = gamma(n + fa.positions + fa.size_l + fa.size_r + 16, dtype)
+  floor = 4 * (n + 16) * (1 + fa.size_l) * (1 + fa.size_r) * float(jnp.finfo(dtype).tiny)
+  spread = jnp.sum(f.spread, axis=1)
+  bound = gamma(n, dtype) * s_norm * spread * (1 + own) + floor
+  return Scaled(value, f.exponent + s_exponent, bound)

@@ -35,7 +35,9 @@ class Leaf(NamedTuple):
 
   Attributes:
     terms: ``(multiplicity, Scaled)`` pairs that sum to the squared norm of the ghost
-      part (cross terms included); see :func:`root`.
+      part (cross terms included), each with its rounding bound; see :func:`root`.
+    slack: one :class:`~clipjax.ghost._factors.Scaled` per ghost use, in norm units:
+      how far its contraction into the clipped sum may stray per unit weight.
     explicit: ``(batch, *leaf.shape)`` explicit per-example gradient (the explicit
       uses' sum), or None.
     explicit_in_terms: whether ``terms`` already count ``explicit`` (a leaf with both
@@ -45,6 +47,7 @@ class Leaf(NamedTuple):
   """
 
   terms: list
+  slack: list
   explicit: Any
   explicit_in_terms: bool
   ghost: list
@@ -84,12 +87,33 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     for u, lay in zip(uses, layouts)
   ]
   ghost, relations = _choose(uses, factors, layouts, leaf.shape)
-  terms = []  # (multiplicity, Scaled)
+  weighted = [jnp.result_type(records[u.path][0], cotangents[u.path]) for u in uses]
+  paired = lambda i: any(
+    ghost[j] and relations[min(i, j), max(i, j)] != "disjoint" for j in range(len(uses)) if j != i
+  )
+  # A use without positions, paired with no other, is a product of two norms.
+  alone = [
+    g and f.positions == 1 and not paired(i) and all(ghost)
+    for i, (f, g) in enumerate(zip(factors, ghost))
+  ]
+  normalized = [
+    _factors.normalize(f) if g and not a else None for f, g, a in zip(factors, ghost, alone)
+  ]
+  terms, slack = [], []  # (multiplicity, Scaled); Scaled
+  for i, f in enumerate(factors):
+    if alone[i]:
+      square, s = _factors.plain(f, weighted[i])
+      terms.append((1, square))
+      slack.append(s)
+    elif normalized[i] is not None:
+      slack.append(_factors.contraction_slack(normalized[i], weighted[i]))
   for i, j in itertools.combinations_with_replacement(range(len(uses)), 2):
-    if not (ghost[i] and ghost[j]) or (i != j and relations[i, j] == "disjoint"):
+    if normalized[i] is None or normalized[j] is None:
+      continue
+    if i != j and relations[i, j] == "disjoint":
       continue
     swapped = i != j and relations[i, j] == "swapped"
-    terms.append((1 if i == j else 2, _factors.cross(factors[i], factors[j], swapped)))
+    terms.append((1 if i == j else 2, _factors.cross(normalized[i], normalized[j], swapped)))
 
   explicit = None
   zero = jnp.zeros(leaf.shape, dtype)
@@ -101,26 +125,48 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     explicit = part if explicit is None else explicit + part
   mixed = explicit is not None and bool(terms)
   if mixed:
-    unscaled = lambda v: _factors.Scaled(v, jnp.zeros(v.shape, jnp.int32))
-    for u, f, g in zip(uses, factors, ghost):
-      if g:
+    # The explicit part enters as it is computed: its own squared norm (a sum of
+    # squares, nothing cancels) and its inner products with the ghost uses (bounded).
+    own = _norms.norms([explicit], 2.0, 1)
+    e = own.exponent
+    for u, n in zip(uses, normalized):
+      if n is not None:
         blocks = jax.vmap(lambda s, u=u: _factors.to_blocks(u, s))(explicit)
-        terms.append((2, unscaled(_factors.against(f, blocks))))
-    flat = explicit.reshape(explicit.shape[0], -1)
-    terms.append((1, unscaled(jnp.sum(flat * flat, axis=1))))
-  return Leaf(terms, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+        blocks = _norms.times_pow2(blocks, -e.reshape((-1,) + (1,) * (blocks.ndim - 1)))
+        terms.append((2, _factors.against(n, blocks, e, own.unit)))
+    square = own.unit * own.unit
+    terms.append((1, _factors.Scaled(square, 2 * e, jnp.zeros_like(square))))
+  return Leaf(terms, slack, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
 
 
-def root(terms) -> _norms.Norms:
-  """The norms whose squares are ``Σ_t m_t · value_t · 2^exponent_t``."""
+def root(terms, slack=()) -> _norms.Norms:
+  """Certified norms: at least the norm whose square is ``Σ_t m_t · value_t · 2^exponent_t``
+  with every value anywhere within its bound, plus the contraction slack.
+
+  The terms are brought to a common power of two (exact, or flushed to zero below
+  the float range: at most ``tiny`` each) and summed, which adds at most
+  ``γ_T Σ_t |m_t value_t|`` for ``T`` terms; a negative total (cancellation) counts
+  as zero, and the square root and the final additions are widened by ``4u``. The
+  result can exceed the true norm (over-clipping an ill-conditioned example) but
+  never falls short of it.
+  """
   top = terms[0][1].exponent
   for _, t in terms[1:]:
     top = jnp.maximum(top, t.exponent)
-  total = sum(m * _norms.times_pow2(t.value, t.exponent - top) for m, t in terms)
-  # Cancelling cross terms can round a zero norm slightly below zero.
-  total = jnp.maximum(total, 0)
+  dtype = terms[0][1].value.dtype
+  u = _factors.unit_roundoff(dtype)
+  tiny = float(jnp.finfo(dtype).tiny)
+  values = [m * _norms.times_pow2(t.value, t.exponent - top) for m, t in terms]
+  total = sum(values)
+  magnitude = sum(jnp.abs(v) for v in values)
+  bound = sum(abs(m) * _norms.times_pow2(t.bound, t.exponent - top) for m, t in terms)
+  bound = bound + _factors.gamma(len(terms) + 2, dtype) * magnitude + 4 * len(terms) * tiny
+  square = jnp.maximum(total, 0) + bound * (1 + 4 * u)
   half = top // 2
-  return _norms.Norms(half.astype(jnp.int32), jnp.sqrt(_norms.times_pow2(total, top - 2 * half)))
+  unit = jnp.sqrt(_norms.times_pow2(square, top - 2 * half)) * (1 + 4 * u)
+  for s in slack:
+    unit = unit + _norms.times_pow2(s.value, s.exponent - half) * (1 + 4 * u) + tiny
+  return _norms.Norms(half.astype(jnp.int32), unit)
 
 
 def _masked(x, w: _norms.Weights):
