@@ -113,8 +113,8 @@ _CONV_SPECS = {
     ("NHWC", "HWIO", "NHWC"),
     dict(window_strides=(2, 2), padding="SAME", feature_group_count=3),
   ),
-  "few_positions": (
-    (6, 6, 8),
+  "few_positions": (  # windows that tile the input (patches), a row left over
+    (7, 6, 8),
     (3, 3, 8, 8),
     ("NHWC", "HWIO", "NHWC"),
     dict(window_strides=(3, 3), padding="VALID"),

@@ -189,6 +189,19 @@ def patches(x, window, strides, padding, lhs_dilation, rhs_dilation, out_spatial
   that tap; stacked next to the channels they need no transpose.
   """
   zero = jnp.zeros((), x.dtype)
+  undilated = all(d == 1 for d in (*lhs_dilation, *rhs_dilation))
+  if undilated and tuple(strides) == tuple(window) and all(lo >= 0 for lo, _ in padding):
+    # Windows that tile the input (a ViT's patch embedding): the patches are the padded
+    # input cut into blocks, one reshape, not one slice per tap (hundreds of them).
+    config = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
+    padded = lax.pad(x, zero, config)
+    limit = [n * k for n, k in zip(out_spatial, window)]
+    padded = lax.slice(padded, [0] * x.ndim, [x.shape[0], *limit, x.shape[-1]])
+    split = [x.shape[0]] + [d for n, k in zip(out_spatial, window) for d in (n, k)] + [x.shape[-1]]
+    rank = len(window)
+    order = [0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1]
+    blocks = padded.reshape(split).transpose(order)
+    return blocks.reshape(x.shape[0], *out_spatial, math.prod(window), x.shape[-1])
   config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
   padded = lax.pad(x, zero, config + [(0, 0, 0)])
   taps = []
