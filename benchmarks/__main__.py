@@ -1,4 +1,4 @@
-"""The benchmark suite: ``python -m benchmarks [--quick] [--only SUITES] [--out DIR]``.
+"""The benchmark suite: ``python -m benchmarks [--quick] [--large] [--only SUITES] [--out DIR]``.
 
 Runs the suites (``rescale``, ``sampling``, ``methods``, ``transforms``, ``privacy``,
 ``ghost``; all by default, or a comma-separated ``--only`` list), prints one table of medians and
@@ -7,7 +7,9 @@ interleaved), and writes ``DIR/<backend>[-<suites>][-quick].json`` (the suites n
 when ``--only`` picks some of them; jax version, backend,
 device kind, date, all rows) and, with the rescale suite,
 ``DIR/<backend>[-quick]-rescale.png`` (time against vector size per method).
-``--quick`` runs reduced grids in under two minutes on a 2-core CPU.
+``--quick`` runs reduced grids in under two minutes on a 2-core CPU; ``--large`` runs the
+ghost suite on GPT-2-small- and ViT-B/16-shaped models instead of its zoo (files
+``...-large...``).
 """
 
 import argparse
@@ -36,6 +38,9 @@ def _parse(argv):
   parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="reduced grids, few repeats")
   parser.add_argument("--only", default=",".join(_SUITES), help="comma-separated suites")
+  parser.add_argument(
+    "--large", action="store_true", help="ghost suite: GPT-2-small and ViT-B/16 shapes instead"
+  )
   parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
   args = parser.parse_args(argv)
   args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -60,10 +65,12 @@ def main(argv):
   rows = []
   for suite in args.only:
     print(f"running {suite} ...", file=sys.stderr, flush=True)
-    rows += [dict(r, suite=suite) for r in importlib.import_module(_SUITES[suite]).run(args.quick)]
+    options = {"large": True} if args.large and suite == "ghost" else {}
+    module = importlib.import_module(_SUITES[suite])
+    rows += [dict(r, suite=suite) for r in module.run(args.quick, **options)]
   _print_table(rows)
   backend = jax.default_backend()
-  quick = "-quick" if args.quick else ""
+  quick = ("-large" if args.large else "") + ("-quick" if args.quick else "")
   subset = "" if set(args.only) == set(_SUITES) else "-" + "-".join(args.only)
   stem = os.path.join(args.out, backend + subset + quick)
   os.makedirs(args.out, exist_ok=True)
@@ -74,6 +81,7 @@ def main(argv):
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     "quick": args.quick,
+    "large": args.large,
     "suites": args.only,
     "rows": rows,
   }

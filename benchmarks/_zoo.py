@@ -16,6 +16,12 @@ data come from NumPy, so building a model compiles nothing.
 * ``mobilenet``: depthwise-separable convolutions: Conv 3x3 (32) -> GroupNorm -> relu,
   then 3 x (depthwise 3x3, stride 2 -> GroupNorm -> relu -> pointwise 1x1, doubling
   the channels -> GroupNorm -> relu), mean-pool, Dense(10); 32x32x3 inputs, batch 64.
+
+``LARGE`` (``python -m benchmarks --only ghost --large``): ``gpt2_small``, a
+GPT-2-small-shaped LM (width 768, 12 heads, MLP 3072, 12 blocks stacked by scan,
+vocabulary 50257 tied, T 256, batch 4, 124M parameters), and ``vit_b16``, a
+ViT-B/16-shaped classifier (224x224x3, patch 16, width 768, 12 blocks by scan, 1000
+classes, batch 4, 86M parameters). ``EXTRA``: smaller shapes of these for measuring.
 """
 
 import flax.linen as nn
@@ -111,26 +117,54 @@ def _image_model(model, batch, rng):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: causal self-attention, then an MLP."""
+  """Pre-LayerNorm transformer block: (causal) self-attention, then an MLP."""
 
   heads: int = 4
   hidden: int = 512
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
-    mask = nn.make_causal_mask(jnp.ones(x.shape[0]))
+    mask = nn.make_causal_mask(jnp.ones(x.shape[0])) if self.causal else None
     x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x), mask=mask)
     h = nn.Dense(self.hidden)(nn.LayerNorm()(x))
     return x + nn.Dense(x.shape[-1])(nn.gelu(h))
 
 
+class _ScannedBlock(nn.Module):
+  """A block in the form ``nn.scan`` stacks: ``(carry, None) -> (carry, None)``."""
+
+  heads: int
+  hidden: int
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x, _):
+    return Block(self.heads, self.hidden, self.causal)(x), None
+
+
+def _stacked(blocks, heads, hidden, causal=True):
+  """``blocks`` blocks with parameters stacked on a leading axis, run by one scan."""
+  stack = nn.scan(
+    _ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=blocks
+  )
+  return stack(heads, hidden, causal)
+
+
 class TransformerLM(nn.Module):
-  """Token and learned position embeddings, blocks, LayerNorm, logits by the tied table."""
+  """Token and learned position embeddings, blocks, LayerNorm, logits by the tied table.
+
+  With ``scan``, the blocks' parameters are stacked on a leading axis and the blocks
+  run as one ``lax.scan`` (``nn.scan``), as large language models are usually written.
+  """
 
   vocab: int = 32000
   width: int = 128
   blocks: int = 2
   length: int = 64
+  heads: int = 4
+  hidden: int = 512
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -139,22 +173,61 @@ class TransformerLM(nn.Module):
       "positions", nn.initializers.normal(0.02), (self.length, self.width), jnp.float32
     )
     x = embed(tokens) + positions[: tokens.shape[0]]
-    for _ in range(self.blocks):
-      x = Block()(x)
+    if self.scan:
+      x, _ = _stacked(self.blocks, self.heads, self.hidden)(x, None)
+    else:
+      for _ in range(self.blocks):
+        x = Block(self.heads, self.hidden)(x)
     return embed.attend(nn.LayerNorm()(x))
 
 
-def _transformer(batch, rng, vocab=32000, length=64):
-  model = TransformerLM(vocab=vocab, length=length)
+def _transformer(batch, rng, vocab=32000, length=64, **shape):
+  """The tied-embedding LM (``shape``: ``TransformerLM``'s other fields) on random tokens."""
+  model = TransformerLM(vocab=vocab, length=length, **shape)
+  width = model.width
   tokens = jnp.asarray(rng.integers(0, vocab, (batch, length + 1)), jnp.int32)
   params = _fill(jax.eval_shape(model.init, jax.random.key(0), tokens[0, :-1]), rng)
-  params = jax.tree.map(lambda a: a * 0.1 if a.shape == (vocab, 128) else a, params)
+  params = jax.tree.map(lambda a: a * 0.1 if a.shape == (vocab, width) else a, params)
 
   def loss(params, tokens):
     logits = model.apply(params, tokens[:-1])
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[1:]))
 
   return loss, params, (tokens,)
+
+
+class ViT(nn.Module):
+  """Vision transformer: patches by a strided convolution, a class token, learned
+  positions, blocks stacked by scan, LayerNorm, a linear head on the class token."""
+
+  patch: int = 16
+  width: int = 768
+  blocks: int = 12
+  heads: int = 12
+  hidden: int = 3072
+  classes: int = 1000
+
+  @nn.compact
+  def __call__(self, image):
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID")(image)
+    x = x.reshape(-1, self.width)
+    cls = self.param("cls", nn.initializers.normal(0.02), (1, self.width), jnp.float32)
+    x = jnp.concatenate([cls, x], axis=0)
+    x = x + self.param("positions", nn.initializers.normal(0.02), x.shape, jnp.float32)
+    x, _ = _stacked(self.blocks, self.heads, self.hidden, causal=False)(x, None)
+    return nn.Dense(self.classes)(nn.LayerNorm()(x[0]))
+
+
+def _vit(batch, rng, size=224, **shape):
+  model = ViT(**shape)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, model.classes, batch), jnp.int32)
+  params = _fill(jax.eval_shape(model.init, jax.random.key(0), x[0]), rng)
+
+  def loss(params, x, y):
+    return _cross_entropy(model.apply(params, x), y)
+
+  return loss, params, (x, y)
 
 
 # ------------------------------------------------------------------------------ zoo
@@ -169,6 +242,23 @@ MODELS = {
 }
 
 
+# GPT-2-shaped language models (width 768, 12 heads, MLP 3072, the 50257-token
+# vocabulary tied to the output projection): two blocks on short sequences (the shape
+# whose compile time issue 23 measured), and GPT-2 small (12 blocks stacked by scan).
+_GPT2 = dict(vocab=50257, width=768, heads=12, hidden=3072)
+
+LARGE = {
+  "gpt2_small": lambda rng: _transformer(4, rng, length=256, blocks=12, scan=True, **_GPT2),
+  "vit_b16": lambda rng: _vit(4, rng),
+}
+# Shapes for compile-time measurements and smaller runs of the large ones.
+EXTRA = {
+  "gpt2_2block": lambda rng: _transformer(2, rng, length=16, blocks=2, **_GPT2),
+  "gpt2_small_t64_b2": lambda rng: _transformer(2, rng, length=64, blocks=12, scan=True, **_GPT2),
+  "vit_b16_6block_b2": lambda rng: _vit(2, rng, blocks=6),
+}
+
+
 def build(name: str, seed: int = 0):
-  """``(loss_fn, params, batch)`` of the named zoo model."""
-  return MODELS[name](np.random.default_rng(seed))
+  """``(loss_fn, params, batch)`` of the named zoo (or large) model."""
+  return {**MODELS, **LARGE, **EXTRA}[name](np.random.default_rng(seed))

@@ -18,9 +18,15 @@ peak during that step (runtime, executable, parameters and data included),
 ``temp_mb`` XLA's temporary buffers for the step. Ratios are against ``grad`` of the
 same model.
 
-``python -m benchmarks --only ghost [--quick]`` records the rows; ``python -m
-benchmarks.ghost_bench [--quick]`` prints the table (as Markdown with ``--markdown``);
-``python -m benchmarks.ghost_bench --plot RESULTS.json OUT.png`` draws them.
+Compile time: each candidate's trace, lowering and compilation, in seconds and over
+``grad``'s (``compile_ratio``).
+
+``python -m benchmarks --only ghost [--quick] [--large]`` records the rows (``--large``:
+the GPT-2-small- and ViT-B/16-shaped models of ``_zoo.LARGE`` instead of the zoo, tens of
+minutes on a 2-core CPU); ``python -m benchmarks.ghost_bench [--quick] [--large]
+[--models a,b] [--json]`` prints the table (as Markdown with ``--markdown``; ``--models``
+picks models by name, the smaller ``_zoo.EXTRA`` shapes included); ``python -m
+benchmarks.ghost_bench --plot RESULTS.json OUT.png`` draws them.
 """
 
 import ctypes
@@ -29,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -95,11 +102,20 @@ def _memory(model, candidate):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _compile(fn, args):
+  """The compiled step and the seconds tracing, lowering and compiling it took."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
 def _bench_model(model, repeats):
   loss_fn, params, batch = _zoo.build(model)
   fns = _candidates(loss_fn, len(batch))
-  for fn in fns.values():
-    jax.block_until_ready(fn(params, *batch))
+  compile_s = {}
+  for name, fn in fns.items():
+    fns[name], compile_s[name] = _compile(fn, (params, *batch))
+    jax.block_until_ready(fns[name](params, *batch))
   thunks = {name: (lambda fn=fn: fn(params, *batch)) for name, fn in fns.items()}
   # Each private candidate is timed against its own interleaved baseline: the
   # per-example path moves gigabytes on the larger models, and interleaved with the
@@ -131,27 +147,35 @@ def _bench_model(model, repeats):
         **memory[c],
         "rss_ratio": memory[c]["peak_rss_mb"] / memory["grad"]["peak_rss_mb"],
         "temp_ratio": memory[c]["temp_mb"] / max(memory["grad"]["temp_mb"], 1e-9),
+        "compile_s": compile_s[c],
+        "compile_ratio": compile_s[c] / compile_s["grad"],
       }
     )
   return rows
 
 
-def run(quick: bool) -> list[dict]:
+def run(quick: bool, large: bool = False, models=None) -> list[dict]:
   """Times and measures every candidate on the zoo; one dict per (model, candidate).
 
   Args:
     quick: the two small models only, fewer repeats.
+    large: the large models instead (``_zoo.LARGE``: GPT-2 small and ViT-B/16 shapes;
+      tens of minutes on a 2-core CPU), 3 repeats.
+    models: these named models (``_zoo.build``'s names) instead.
 
   Returns:
     Dicts with ``name``, ``baseline``, ``median_s``, ``baseline_median_s``, ``ratio``
     (time over the non-private baseline's), ``ratio_vs_per_example``, ``peak_rss_mb``,
-    ``rss_ratio``, ``temp_mb``, ``temp_ratio`` and the setup.
+    ``rss_ratio``, ``temp_mb``, ``temp_ratio``, ``compile_s`` (trace, lower and
+    compile), ``compile_ratio`` and the setup.
   """
-  models = _QUICK if quick else tuple(_zoo.MODELS)
+  if models is None:
+    models = tuple(_zoo.LARGE) if large else _QUICK if quick else tuple(_zoo.MODELS)
+  repeats = 3 if large else 5 if quick else 15
   rows = []
   for model in models:
     print(f"  ghost: {model}", file=sys.stderr, flush=True)
-    rows += _bench_model(model, repeats=5 if quick else 15)
+    rows += _bench_model(model, repeats=repeats)
   return rows
 
 
@@ -169,6 +193,7 @@ def table(rows, markdown=False) -> str:
     "clipped_grad RSS",
     "clipped_grad temp",
     "vs vmap",
+    "compile",
   )
   lines = []
   for model, c in by_model.items():
@@ -183,6 +208,7 @@ def table(rows, markdown=False) -> str:
         f"{g['rss_ratio']:.2f}x",
         f"{g['temp_ratio']:.2f}x",
         f"{g['ratio_vs_per_example']:.2f}x",
+        f"{g['compile_ratio']:.2f}x" if "compile_ratio" in g else "",
       )
     )
   if markdown:
@@ -228,7 +254,11 @@ def _main(argv):
     with open(argv[1]) as f:
       plot(json.load(f)["rows"], argv[2])
     return
-  print(table(run("--quick" in argv), markdown="--markdown" in argv))
+  models = argv[argv.index("--models") + 1].split(",") if "--models" in argv else None
+  rows = run("--quick" in argv, large="--large" in argv, models=models)
+  if "--json" in argv:
+    print(json.dumps(rows))
+  print(table(rows, markdown="--markdown" in argv))
 
 
 if __name__ == "__main__":

@@ -113,8 +113,8 @@ _CONV_SPECS = {
     ("NHWC", "HWIO", "NHWC"),
     dict(window_strides=(2, 2), padding="SAME", feature_group_count=3),
   ),
-  "few_positions": (
-    (6, 6, 8),
+  "few_positions": (  # windows that tile the input (patches), a row left over
+    (7, 6, 8),
     (3, 3, 8, 8),
     ("NHWC", "HWIO", "NHWC"),
     dict(window_strides=(3, 3), padding="VALID"),
@@ -252,4 +252,20 @@ def test_unrecognised_uses_are_exact():
     return jnp.sum(jnp.tanh(h + x @ p["dense"])) + 0.1 * jnp.sum(p["dense"] ** 2)
 
   assert plan(loss, params, x) == {"['dense']": "pass", "['v']": "pass", "['w']": "pass"}
+  check(loss, params, x)
+
+
+def test_split_of_a_fused_kernel():
+  """``jnp.split`` of a fused QKV kernel: every part is a view (a slice), the parts are
+  disjoint, so all pair without cross terms and stay ghost; a part used twice pairs
+  with itself ("same")."""
+  params = {"qkv": _normal(1, (6, 9), scale=0.5)}
+  x = _normal(2, (5, 2, 6))  # 2 positions: the Gram form is cheaper
+
+  def loss(p, x):
+    q, k, v = jnp.split(p["qkv"], 3, axis=1)
+    scores = jax.nn.softmax((x @ q) @ (x @ k).T, axis=-1)
+    return jnp.sum(jnp.tanh(scores @ (x @ v))) + jnp.sum(jnp.sin(jnp.tanh(x) @ q))
+
+  assert plan(loss, params, x) == {"['qkv']": ("ghost",) * 4}
   check(loss, params, x)

@@ -4,20 +4,23 @@ The package is laid out as the computation runs:
 
 * ``_walk``: trace one example's loss, find where parameters meet data (through
   ``jit``, ``checkpoint`` and ``scan``), and evaluate it with zero taps on those uses;
-* ``_rules``: the rule table, one rule per way a parameter meets data;
+* ``_rules``: one rule per way a parameter meets data, registered by primitive object
+  (:func:`register_rule`, public: a user adds a layer type the same way);
+* ``_layout``: which leaf elements a use touches, by strides (O(rank) per use);
 * ``_factors``: per-example gradients in factored form (Gram norms, cross terms,
   explicit gradients);
 * ``_leaves``: per leaf, ghost or explicit per use, the squared norm with the cross
   terms between uses, and the clipped sum;
 * this module: :func:`clipped_grad`, the one batched backward pass, clip weights per
-  group, masks.
+  group, masks; :func:`plan`, what each leaf takes and why.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +32,18 @@ from jax.sharding import PartitionSpec as P
 from clipjax import _checks, _norms
 from clipjax._typing import PyTree
 from clipjax.ghost import _leaves, _walk
+from clipjax.ghost._rules import Rule, register_rule, rule_for
 
-__all__ = ["clipped_grad"]
+__all__ = [
+  "FallbackWarning",
+  "LeafPlan",
+  "Rule",
+  "UsePlan",
+  "clipped_grad",
+  "plan",
+  "register_rule",
+  "rule_for",
+]
 
 
 def _trace(loss_fn, leaves, treedef, batch_leaves, batch_treedef):
@@ -131,9 +144,11 @@ def _settled(w: _norms.Weights) -> tuple[_norms.Weights, jax.Array]:
   return _norms.Weights(*lax.cond(plain, settle, lambda *w: w, *w)), plain
 
 
-def _clipped_grad_impl(loss_fn, has_aux, scaling, params, clip_norm, stability, mask, *batch):
+def _clipped_grad_impl(
+  loss_fn, has_aux, scaling, warn_fallback, params, clip_norm, stability, mask, *batch
+):
   """``_clipped_grad`` (explicit mesh axes are made automatic inside it)."""
-  body = functools.partial(_clipped_grad, loss_fn, has_aux, scaling)
+  body = functools.partial(_clipped_grad, loss_fn, has_aux, scaling, warn_fallback)
   args = (params, clip_norm, stability, mask, *batch)
   sharding = jax.typeof(jax.tree.leaves(batch)[0]).sharding
   if jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
@@ -155,7 +170,9 @@ def _clipped_grad_impl(loss_fn, has_aux, scaling, params, clip_norm, stability, 
   return jax.sharding.auto_axes(body, out_sharding=out_sharding)(*args)
 
 
-def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask, *batch):
+def _clipped_grad(
+  loss_fn, has_aux, scaling, warn_fallback, params, clip_norm, stability, mask, *batch
+):
   leaves, treedef = jax.tree.flatten(params)
   batch_leaves, batch_treedef = jax.tree.flatten(batch)
   size = batch_leaves[0].shape[0]
@@ -164,7 +181,10 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
     raise ValueError(
       f"loss_fn must return one scalar loss per example, got shape {closed.out_avals[0].shape}."
     )
-  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves))
+  reasons = {}
+  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves), reasons)
+  if warn_fallback:
+    _warn_fallback(params, reasons)
   cotangents, records, pass_grads, outs = _backward_pass(
     closed, uses, in_pass, leaves, batch_leaves
   )
@@ -223,19 +243,104 @@ def _clipped_grad(loss_fn, has_aux, scaling, params, clip_norm, stability, mask,
   return result
 
 
-def _plan(loss_fn, params, *batch) -> dict[str, Any]:
-  """How :func:`clipped_grad` takes every leaf's per-example gradient, by leaf path.
+class UsePlan(NamedTuple):
+  """One recognised use of a leaf in :func:`plan`.
 
-  ``"pass"``: in the batched backward pass (no rule recognises all its uses, or the
-  rule forms it there); a tuple with ``"ghost"`` or ``"explicit"`` per recognised use;
-  ``"unused"`` for a leaf the loss does not depend on. Nothing is computed: shapes only.
+  Attributes:
+    primitive: the primitive's name (``"dot_general"``, ...).
+    rule: the name of the rule's class.
+    form: ``"ghost"`` (its norm from the Gram form of its factors) or ``"explicit"``
+      (its per-example gradient as one batched contraction), whichever costs less.
   """
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+  primitive: str
+  rule: str
+  form: str
+
+
+class LeafPlan(NamedTuple):
+  """How :func:`clipjax.clipped_grad` takes one leaf's per-example gradient.
+
+  Attributes:
+    form: ``"ghost"``, ``"explicit"`` or ``"ghost+explicit"`` (its recognised uses'
+      forms); ``"pass"``: in the batched backward pass, as ``vmap(grad)`` would (exact,
+      at that leaf's share of the per-example cost); ``"unused"``: the loss does not
+      depend on it.
+    uses: the recognised uses, in program order (empty for ``"pass"``).
+    reasons: for ``"pass"``, why: every way the leaf is used that no rule takes.
+  """
+
+  form: str
+  uses: tuple
+  reasons: tuple
+
+
+class FallbackWarning(UserWarning):
+  """Some leaves' per-example gradients are taken in the batched backward pass."""
+
+
+def _paths(params) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _fallback_message(paths, reasons) -> str:
+  lines = [f"  {paths[k]}: {'; '.join(why)}" for k, why in sorted(reasons.items())]
+  return (
+    f"clipped_grad takes {len(reasons)} leaves in the batched backward pass (their "
+    "per-example gradients cost what vmap(grad) costs):\n" + "\n".join(lines)
+  )
+
+
+def _warn_fallback(params, reasons) -> None:
+  """Warns (once per compilation) which leaves fall back, and why: not the biases and
+  normalization scales, which are in the pass by design."""
+  slow = {
+    k: why for k, why in reasons.items() if any(not r.startswith(_walk.BY_DESIGN) for r in why)
+  }
+  if slow:
+    warnings.warn(_fallback_message(_paths(params), slow), FallbackWarning, stacklevel=2)
+
+
+def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
+  """How :func:`clipjax.clipped_grad` takes every leaf's per-example gradient, and why.
+
+  Traces ``loss_fn`` as ``clipped_grad`` does (shapes only: nothing is computed, the
+  arguments may be ``jax.ShapeDtypeStruct``) and reports, by leaf path
+  (``jax.tree_util.keystr``), which rule recognises each use of the leaf and in which
+  form, or why the leaf falls back to the batched backward pass (an equation no rule
+  takes, ``cond`` or ``while_loop``, ``custom_vjp``, a parameter transformed before
+  use, ...). A fallback is exact; it costs what ``vmap(grad)`` costs for that leaf.
+
+  Args:
+    loss_fn: as for :func:`clipjax.clipped_grad`, the loss of ONE example.
+    params: the parameters.
+    *batch: the batch arguments, with a leading batch axis.
+    warn: also emit a :class:`FallbackWarning` listing the leaves that fall back
+      (other than biases and normalization scales: elementwise uses, which are in
+      the pass by design).
+
+  Returns:
+    ``{path: LeafPlan(form, uses, reasons)}`` in the order of ``params``' leaves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import ghost
+    >>> def loss(p, x):
+    ...   return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) @ jnp.sin(p["v"]))
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones(4)}
+    >>> for path, leaf in ghost.plan(loss, params, jnp.ones((8, 2, 3))).items():
+    ...   print(path, leaf.form, [u.form for u in leaf.uses], leaf.reasons)
+    ['b'] pass [] ('elementwise `add` with data (a small per-example gradient, by design)',)
+    ['v'] pass [] ('transformed by `sin` before use',)
+    ['w'] ghost ['ghost'] ()
+  """
+  paths = _paths(params)
   leaves, treedef = jax.tree.flatten(params)
   batch_leaves, batch_treedef = jax.tree.flatten(batch)
   closed, _ = _trace(loss_fn, leaves, treedef, batch_leaves, batch_treedef)
-  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves))
-  plan = {paths[k]: "pass" for k in in_pass}
+  reasons = {}
+  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves), reasons)
+  out = {paths[k]: LeafPlan("pass", (), tuple(reasons[k])) for k in in_pass}
 
   def run(leaves, batch_leaves):
     cotangents, records, _, _ = _backward_pass(closed, uses, in_pass, leaves, batch_leaves)
@@ -244,14 +349,28 @@ def _plan(loss_fn, params, *batch) -> dict[str, Any]:
       leaf_uses = [u for u in uses if u.leaf == k]
       part = _leaves.norm_parts(leaf_uses, leaves[k], records, cotangents, dtype)
       ghost = {id(u) for u in part.ghost}
-      plan[paths[k]] = tuple("ghost" if id(u) in ghost else "explicit" for u in leaf_uses)
+      forms = ["ghost" if id(u) in ghost else "explicit" for u in leaf_uses]
+      used = tuple(
+        UsePlan(u.eqn.primitive.name, type(u.rule).__name__, f) for u, f in zip(leaf_uses, forms)
+      )
+      out[paths[k]] = LeafPlan("+".join(sorted(set(forms), reverse=True)), used, ())
 
   jax.eval_shape(run, leaves, batch_leaves)
-  return {p: plan.get(p, "unused") for p in paths}
+  if warn:
+    _warn_fallback(params, reasons)
+  return {p: out.get(p, LeafPlan("unused", (), ())) for p in paths}
+
+
+def _plan(loss_fn, params, *batch) -> dict[str, Any]:
+  """:func:`plan` in brief: ``"pass"``, ``"unused"``, or the forms of the uses."""
+  return {
+    path: leaf.form if leaf.form in ("pass", "unused") else tuple(u.form for u in leaf.uses)
+    for path, leaf in plan(loss_fn, params, *batch).items()
+  }
 
 
 # Static in the loss function, so grad_fns for several clip norms share one compilation.
-_clipped_grad_jit = jax.jit(_clipped_grad_impl, static_argnums=(0, 1, 2))
+_clipped_grad_jit = jax.jit(_clipped_grad_impl, static_argnums=(0, 1, 2, 3))
 
 
 def clipped_grad(
@@ -261,6 +380,7 @@ def clipped_grad(
   has_aux: bool = False,
   scaling: str = "clip",
   stability: float | jax.Array = 0.01,
+  warn_fallback: bool = False,
 ) -> Callable[..., tuple[PyTree, PyTree] | tuple[tuple[PyTree, PyTree], PyTree]]:
   """Sum of per-example clipped gradients, and the per-example norms, at about the cost
   of one non-private gradient.
@@ -284,6 +404,11 @@ def clipped_grad(
       (Bu et al. 2023); ``"normalize"``, ``C/‖g‖`` (zero gradients stay zero). Each
       bounds every example's contribution by ``C``.
     stability: the ``γ > 0`` of ``"automatic"``.
+    warn_fallback: emit a :class:`clipjax.ghost.FallbackWarning` (once per
+      compilation) naming every leaf whose per-example gradient falls back to the
+      batched backward pass, and why (biases and normalization scales, in the pass
+      by design, are not named); :func:`clipjax.ghost.plan` reports every leaf
+      without compiling.
 
   Returns:
     ``grad_fn(params, *batch, mask=None)``, where every leaf of every batch argument
@@ -306,25 +431,24 @@ def clipped_grad(
 
   **How it works.** The per-example loss is traced to a jaxpr once per input shape,
   and every place where a parameter (possibly reshaped, transposed, sliced or cast)
-  meets the example's data is matched against a table of rules, also inside ``jax.jit``,
+  meets the example's data is matched against the rule registered for its primitive
+  (:func:`clipjax.ghost.register_rule` adds one), also inside ``jax.jit``,
   ``jax.checkpoint`` and ``lax.scan`` (stacked layers, flax ``nn.scan``):
 
-  ==================================  =========================================================
-  rule                                recognises
-  ==================================  =========================================================
-  ``dot_general``                     ``@``, ``jnp.einsum``, ``jnp.dot``, flax ``Dense``,
-                                      ``DenseGeneral``, attention projections, equinox
-                                      ``Linear``; with or without a sequence axis or dot batch
-                                      (head) axes
-  ``conv_general_dilated``            1-D, 2-D and 3-D convolutions with any strides, padding,
-                                      dilations and feature groups (grouped, depthwise)
-  ``gather``                          embedding lookups: ``table[ids]``, ``jnp.take``, flax
-                                      ``Embed``
-  ``mul``, ``add``, ``sub``, ``div``  elementwise scales and shifts by a broadcast parameter:
-                                      biases, LayerNorm, GroupNorm and RMSNorm scales
-  ==================================  =========================================================
+  ==========================  ===========================================================
+  rule                        recognises
+  ==========================  ===========================================================
+  ``dot_general``             ``@``, ``jnp.einsum``, ``jnp.dot``, flax ``Dense``,
+                              ``DenseGeneral``, attention projections, equinox
+                              ``Linear``; with or without a sequence axis or dot batch
+                              (head) axes
+  ``conv_general_dilated``    1-D, 2-D and 3-D convolutions with any strides, padding,
+                              dilations and feature groups (grouped, depthwise)
+  ``gather``                  embedding lookups: ``table[ids]``, ``jnp.take``, flax
+                              ``Embed``
+  ==========================  ===========================================================
 
-  For the first three, one batched forward and backward pass gives every use's input
+  One batched forward and backward pass gives every use's input
   and output cotangent; the per-example squared norm then comes either from the Gram
   form (``Σ_{t,s} (x_t·x_s)(g_t·g_s)`` over positions, ``[id_t = id_s] g_t·g_s`` for an
   embedding: Li et al. 2022) or from the per-example gradient itself computed as one
@@ -334,10 +458,12 @@ def clipped_grad(
   cross terms included. The clipped sum is one contraction per use of its inputs and
   clip-weighted output cotangents (a matrix product as large as a plain step's weight
   gradient, a scatter-add for an embedding): no second backward pass. Elementwise
-  parameters, and every leaf used in a way no rule recognises (inside ``cond``,
-  ``while``, ``custom_jvp`` or ``custom_vjp`` calls, transformed before use, ...), get
-  their per-example gradient from the same batched backward pass, as ``vmap(grad)``
-  would: exact, at that leaf's share of the per-example cost.
+  parameters (biases, LayerNorm, GroupNorm and RMSNorm scales), and every leaf used in
+  a way no rule recognises (inside ``cond``, ``while``, ``custom_jvp`` or
+  ``custom_vjp`` calls, transformed before use, ...), get their per-example gradient
+  from the same batched backward pass, as ``vmap(grad)`` would: exact, at that leaf's
+  share of the per-example cost. :func:`clipjax.ghost.plan` says which leaves do and
+  why.
 
   The norms are certified: each is an upper bound, in the arithmetic actually used,
   of the norm of what the example contributes to the sum, whatever the input (Gram
@@ -392,6 +518,8 @@ def clipped_grad(
     _norms.groups(clip_norm, params)
     size = _checks.batch_size(batch, "batch arguments")
     mask = _checks.check_mask(mask, size)
-    return _clipped_grad_jit(loss_fn, has_aux, scaling, params, clip_norm, stability, mask, *batch)
+    return _clipped_grad_jit(
+      loss_fn, has_aux, scaling, warn_fallback, params, clip_norm, stability, mask, *batch
+    )
 
   return grad_fn

@@ -17,8 +17,8 @@ here works on that form, batched over examples:
   cotangents, folding the iterations of enclosing scans: a leaf shared by the
   iterations sums over them (more positions), a scanned-over leaf has one slice per
   iteration (more blocks);
-* :func:`layout` says which leaf element every ``(h, l, r)`` is, so that two uses can
-  be matched.
+* :func:`layout` says which leaf element every ``(h, l, r)`` is (by strides, see
+  ``_layout``), so that two uses can be matched.
 
 **Certified norms.** Differential privacy needs every norm that a clip weight is
 computed from to be an *upper bound* of the norm of what enters the sum, for every
@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 
 from clipjax import _norms
-from clipjax.ghost import _walk
+from clipjax.ghost import _layout, _walk
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -135,17 +135,29 @@ def of_use(use, records: list, g, size_l: int, dtype=None) -> Factors:
   return Factors(a, b, indexed, size_l)
 
 
-def layout(use, leaf_shape) -> np.ndarray:
-  """``(H, L, R)`` leaf element indices of the use's arranged operand (blocks include the
-  slices of a scanned-over leaf)."""
-  index = np.arange(int(np.prod(leaf_shape))).reshape(leaf_shape)
-  sliced = sum(use.scanned)
-  slices = [
-    use.rule.arrange(use.eqn, use.position, _walk.replay_layout(use.chain, index[i]))
-    for i in np.ndindex(*leaf_shape[:sliced])
-  ]
-  out = np.stack(slices)
-  return out.reshape(-1, *out.shape[-2:])
+def layout(use, leaf_shape) -> _layout.Layout:
+  """The use's ``(H, L, R)`` arrangement of the leaf (blocks include the slices of a
+  scanned-over leaf), its element indices described by strides, not built."""
+  spec = jax.ShapeDtypeStruct(tuple(leaf_shape), jnp.float32)
+  shape = jax.eval_shape(lambda v: to_blocks(use, v), spec)
+  try:
+    whole = _layout.Strided.of(leaf_shape)
+    sliced = sum(use.scanned)
+    # The chain applies to one slice of the scanned-over axes; their sub-axes lead the blocks.
+    part = _layout.Strided(whole.offset, whole.axes[sliced:])
+    viewed = _walk.replay_layout(use.chain, part)
+    arranged = use.rule.arrange(use.eqn, use.position, viewed)
+    if not isinstance(arranged, _layout.Strided) or arranged.size != viewed.size:
+      raise _layout.Unknown("arrange is no rearrangement")
+    outer = tuple(s for axis in whole.axes[:sliced] for s in axis)
+    blocks, *rest = arranged.axes
+    indices = _layout.Strided(arranged.offset, (outer + blocks, *rest))
+    if indices.shape != shape.shape:
+      raise _layout.Unknown("shape mismatch")
+  except (_layout.Unknown, ValueError, TypeError, AttributeError, IndexError):
+    # Undescribed (a user rule's arrange may do anything): no pairing, not injective.
+    indices = None
+  return _layout.Layout(shape.shape, indices)
 
 
 def to_blocks(use, leaf):

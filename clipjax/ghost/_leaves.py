@@ -24,11 +24,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from clipjax import _norms
-from clipjax.ghost import _factors
+from clipjax.ghost import _factors, _layout
 
 
 class Leaf(NamedTuple):
@@ -54,27 +53,23 @@ class Leaf(NamedTuple):
   ghost: list
 
 
-def _relation(a: np.ndarray, b: np.ndarray, size: int) -> str | None:
-  """How two uses' ``(H, L, R)`` layouts of one leaf relate, for pairing their factors."""
-  if a.shape == b.shape and np.array_equal(a, b):
-    return "same"
-  t = b.transpose(0, 2, 1)
-  if a.shape == t.shape and np.array_equal(a, t):
-    return "swapped"
-  touched = np.zeros(size, bool)
-  touched[a.ravel()] = True
-  return "disjoint" if not touched[b.ravel()].any() else None
+def _relation(a: _layout.Layout, b: _layout.Layout, leaf_shape) -> str | None:
+  """How two uses' ``(H, L, R)`` layouts of one leaf relate, for pairing their factors:
+  ``"same"``, ``"swapped"``, ``"disjoint"``, or None (overlapping, or not known)."""
+  if a.indices is None or b.indices is None:
+    return None
+  return _layout.relation(a.indices, b.indices, leaf_shape)
 
 
-def _choose(uses, factors, layouts, size) -> tuple[list[bool], dict]:
+def _choose(uses, factors, layouts, leaf_shape) -> tuple[list[bool], dict]:
   """Ghost or explicit for every use, and how every two ghost uses pair."""
   ghost = [
-    u.isometric and len(np.unique(lay)) == lay.size and f.gram_cost < f.explicit_cost
+    u.isometric and lay.injective and f.gram_cost < f.explicit_cost
     for u, f, lay in zip(uses, factors, layouts)
   ]
   relations = {}
   for i, j in itertools.combinations(range(len(uses)), 2):
-    relations[i, j] = _relation(layouts[i], layouts[j], size)
+    relations[i, j] = _relation(layouts[i], layouts[j], leaf_shape)
   while True:
     unpaired = [(i, j) for (i, j), r in relations.items() if r is None and ghost[i] and ghost[j]]
     if not unpaired:
@@ -86,13 +81,12 @@ def _choose(uses, factors, layouts, size) -> tuple[list[bool], dict]:
 
 def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
   """The squared norm parts of one leaf from its uses' records and output cotangents."""
-  size = int(np.prod(leaf.shape))
   layouts = [_factors.layout(u, leaf.shape) for u in uses]
   factors = [
     _factors.of_use(u, records[u.path], cotangents[u.path], lay.shape[1], dtype)
     for u, lay in zip(uses, layouts)
   ]
-  ghost, relations = _choose(uses, factors, layouts, size)
+  ghost, relations = _choose(uses, factors, layouts, leaf.shape)
   weighted = [jnp.result_type(records[u.path][0], cotangents[u.path]) for u in uses]
   paired = lambda i: any(
     ghost[j] and relations[min(i, j), max(i, j)] != "disjoint" for j in range(len(uses)) if j != i

@@ -1,4 +1,4 @@
-"""One rule per way a parameter meets per-example data, registered in :data:`RULES`.
+"""One rule per way a parameter meets per-example data, registered by primitive.
 
 A rule recognises an equation ``eqn(..., view(leaf), ..., data)`` of the per-example
 program and writes example ``i``'s gradient with respect to the parameter operand in
@@ -18,14 +18,16 @@ clipped sum needs no rule either: it contracts the factors of the clip-weighted
 records and cotangents over examples and positions (a matrix product as large as a
 plain step's weight gradient, or a scatter-add of rows).
 
-A rule with ``in_pass = True`` recognises a use whose per-example gradient is small
-(an elementwise scale or shift by a broadcast parameter: ``Σ_broadcast axes x·g``); it
-is formed where the batched backward pass meets the use, as ``vmap(grad)`` forms it.
+Elementwise uses (biases, normalization scales: ``x * s``, ``x + b``) need no rule: an
+equation no rule takes puts its parameter in the batched backward pass, which forms
+their small per-example gradients ``Σ_broadcast axes x·g`` as ``vmap(grad)`` would.
 
-Adding a layer type is adding one rule here: ``match`` (is this equation a use, and
-which operand is the parameter), ``arrange`` (the operand's elements as ``(H, L, R)``;
-it must work on NumPy and JAX arrays alike, so only ``reshape`` and ``transpose``) and
-``factors`` (``A`` and ``B`` from one example's data and output cotangent).
+Adding a layer type is registering one rule with :func:`register_rule`, keyed by the
+primitive object (the built-in rules below are registered the same way): ``match`` (is
+this equation a use, and which operand is the parameter), ``arrange`` (the operand's
+elements as ``(H, L, R)``; it must only ``reshape`` and ``transpose``, as it also runs
+on a stride description of the operand's element indices) and ``factors`` (``A`` and
+``B`` from one example's data and output cotangent).
 """
 
 from __future__ import annotations
@@ -35,31 +37,82 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jex_core
 
 
 class Rule:
-  """A way a parameter meets data. Subclasses set ``primitives`` and implement the rest."""
+  """A way a parameter meets per-example data; subclass it and :func:`register_rule` it.
 
-  primitives: tuple = ()
-  in_pass = False  # the per-example gradient is formed in the batched backward pass
-  indexed = False  # ``A`` holds row indices into ``L`` (one-hot vectors)
+  Example ``i``'s gradient with respect to the parameter operand, its elements arranged
+  as ``(H, L, R)`` by :meth:`arrange`, must be ``G_i[h] = Σ_p A_i[h, p] ⊗ B_i[h, p]``
+  with ``(A, B)`` given by :meth:`factors` for that example.
+
+  Attributes:
+    indexed: whether ``A`` holds integer row indices into ``L`` standing for one-hot
+      vectors (an embedding lookup) instead of dense ``L``-vectors.
+  """
+
+  indexed = False
 
   def match(self, eqn, kinds: list[str]) -> int | None:
     """The operand index of the parameter view, or None if this is not a use.
 
-    ``kinds[j]`` is ``"view"``, ``"data"``, ``"params"`` or ``"const"`` for operand ``j``.
+    Args:
+      eqn: the jaxpr equation (``eqn.params``, ``eqn.invars[j].aval.shape``).
+      kinds: per operand, ``"view"`` (a leaf, possibly reshaped, transposed, sliced or
+        cast), ``"data"`` (depends on the example), ``"params"`` (on parameters only,
+        but not as a view) or ``"const"``.
     """
     raise NotImplementedError
 
   def arrange(self, eqn, position: int, operand):
-    """The parameter operand (or its element indices) arranged as ``(H, L, R)``."""
+    """The parameter operand arranged as ``(H, L, R)``, by ``reshape`` and
+    ``transpose`` only (it may be a JAX array or a description of element indices)."""
     raise NotImplementedError
 
   def factors(self, eqn, position: int, data: list, g):
-    """``(A, B)`` for one example: ``A`` of shape ``(H, P, L)`` (``(H, P)`` indices if
+    """``(A, B)`` for one example from the equation's other operands ``data`` and the
+    output cotangent ``g``: ``A`` of shape ``(H, P, L)`` (``(H, P)`` integer indices if
     ``indexed``), ``B`` of shape ``(H, P, R)``. A dense ``A`` must be linear in the data
     and ``B`` in ``g``: a clip weight may go on either."""
     raise NotImplementedError
+
+
+_RULES: dict = {}
+
+
+def register_rule(primitive, rule) -> None:
+  """Makes :func:`clipjax.clipped_grad` take uses of parameters by ``primitive`` with ``rule``.
+
+  Rules are keyed by the primitive object (``jax.lax.dot_general_p``, or your own
+  ``jax.extend.core.Primitive``); registering again replaces the rule. The built-in
+  rules (``dot_general``, ``conv_general_dilated``, ``gather``) are registered this way.
+
+  Args:
+    primitive: a ``jax.extend.core.Primitive``.
+    rule: an instance of a :class:`Rule` subclass, or None to remove the rule.
+
+  Raises:
+    TypeError: ``primitive`` is no primitive, or ``rule`` no :class:`Rule`.
+
+  Example:
+    >>> from jax import lax
+    >>> from clipjax import ghost
+    >>> ghost.register_rule(lax.dot_general_p, ghost.rule_for(lax.dot_general_p))
+  """
+  if not isinstance(primitive, jex_core.Primitive):
+    raise TypeError(f"primitive must be a jax.extend.core.Primitive, got {primitive!r}.")
+  if rule is None:
+    _RULES.pop(primitive, None)
+    return
+  if not isinstance(rule, Rule):
+    raise TypeError(f"rule must be an instance of clipjax.ghost.Rule, got {rule!r}.")
+  _RULES[primitive] = rule
+
+
+def rule_for(primitive):
+  """The rule registered for ``primitive``, or None."""
+  return _RULES.get(primitive)
 
 
 def _view_and_data(kinds):
@@ -85,8 +138,6 @@ class DotGeneral(Rule):
   ``L`` the contracted ones, ``R`` the parameter's free ones and positions the data's
   free ones (a sequence axis, heads, ...).
   """
-
-  primitives = ("dot_general",)
 
   def match(self, eqn, kinds):
     return _view_and_data(kinds)
@@ -138,6 +189,19 @@ def patches(x, window, strides, padding, lhs_dilation, rhs_dilation, out_spatial
   that tap; stacked next to the channels they need no transpose.
   """
   zero = jnp.zeros((), x.dtype)
+  undilated = all(d == 1 for d in (*lhs_dilation, *rhs_dilation))
+  if undilated and tuple(strides) == tuple(window) and all(lo >= 0 for lo, _ in padding):
+    # Windows that tile the input (a ViT's patch embedding): the patches are the padded
+    # input cut into blocks, one reshape, not one slice per tap (hundreds of them).
+    config = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
+    padded = lax.pad(x, zero, config)
+    limit = [n * k for n, k in zip(out_spatial, window)]
+    padded = lax.slice(padded, [0] * x.ndim, [x.shape[0], *limit, x.shape[-1]])
+    split = [x.shape[0]] + [d for n, k in zip(out_spatial, window) for d in (n, k)] + [x.shape[-1]]
+    rank = len(window)
+    order = [0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1]
+    blocks = padded.reshape(split).transpose(order)
+    return blocks.reshape(x.shape[0], *out_spatial, math.prod(window), x.shape[-1])
   config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
   padded = lax.pad(x, zero, config + [(0, 0, 0)])
   taps = []
@@ -158,8 +222,6 @@ class Conv(Rule):
   convolution has one per channel), ``L`` the kernel taps times a group's input
   channels, ``R`` a group's output channels.
   """
-
-  primitives = ("conv_general_dilated",)
 
   def match(self, eqn, kinds):
     if kinds == ["data", "view"] and eqn.params["batch_group_count"] == 1:
@@ -212,7 +274,6 @@ class Embedding(Rule):
   per-example table is ever built.
   """
 
-  primitives = ("gather",)
   indexed = True
 
   def match(self, eqn, kinds):
@@ -251,28 +312,6 @@ class Embedding(Rule):
     return ids[None], b[None]
 
 
-# ---------------------------------------------------------------------------
-# Elementwise scales and shifts: normalization layers, biases
-# ---------------------------------------------------------------------------
-
-
-class Elementwise(Rule):
-  """``x * s``, ``x + b``, ``x - b``, ``x / s`` with a (broadcast) parameter ``s`` or ``b``.
-
-  LayerNorm, GroupNorm and RMSNorm scales and shifts, biases, per-channel scales: the
-  per-example gradient ``Σ_broadcast axes x·g`` has the parameter's size, so it is
-  formed exactly where the batched backward pass meets the use.
-  """
-
-  primitives = ("mul", "add", "add_any", "sub", "div")
-  in_pass = True
-
-  def match(self, eqn, kinds):
-    return _view_and_data(kinds)
-
-
-RULES: dict[str, Rule] = {
-  name: rule
-  for rule in (DotGeneral(), Conv(), Embedding(), Elementwise())
-  for name in rule.primitives
-}
+register_rule(lax.dot_general_p, DotGeneral())
+register_rule(lax.conv_general_dilated_p, Conv())
+register_rule(lax.gather_p, Embedding())

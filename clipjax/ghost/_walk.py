@@ -1,15 +1,17 @@
 """The per-example program: where parameters meet data, and one tapped evaluation of it.
 
 :func:`find_uses` follows every value of the traced per-example loss from the parameter
-leaves and the example's data, and asks the rule table (``_rules.RULES``) about every
-equation where a parameter (possibly reshaped, transposed, sliced or cast: a *view* of
-one leaf) meets data. It looks inside ``jit`` calls, ``checkpoint`` (remat) bodies and
-``scan`` bodies: there a leaf closed over by the body is *shared* by the iterations,
-and a leaf scanned over (stacked layers) is *sliced*, one slice per iteration. Every
-other way of using a leaf (an equation no rule takes, a ``cond`` or ``while`` body, a
-``custom_jvp`` / ``custom_vjp`` call, whose gradient its own rule defines) puts that
-leaf *in the pass*: its per-example gradient is taken by the batched backward pass
-itself, which costs what ``vmap(grad)`` costs for that leaf and no more.
+leaves and the example's data, and asks the rule registered for the equation's
+primitive (``_rules.register_rule``) about every equation where a parameter (possibly
+reshaped, transposed, sliced or cast: a *view* of one leaf) meets data. It looks
+inside ``jit`` calls, ``checkpoint`` (remat) bodies and ``scan`` bodies: there a leaf
+closed over by the body is *shared* by the iterations, and a leaf scanned over
+(stacked layers) is *sliced*, one slice per iteration. Every other way of using a
+leaf (an equation no rule takes, a ``cond`` or ``while`` body, a ``custom_jvp`` /
+``custom_vjp`` call, whose gradient its own rule defines) puts that leaf *in the
+pass*, with the reason (``clipjax.ghost.plan`` reports it): its per-example gradient
+is taken by the batched backward pass itself, which costs what ``vmap(grad)`` costs
+for that leaf and no more.
 
 :func:`evaluate` re-evaluates the program with a zero *tap* added to the output of
 every recognised use (stacked over the iterations of enclosing scans) and records the
@@ -25,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
+from jax.extend.core import primitives as prims
 
-from clipjax.ghost import _rules
+from clipjax.ghost import _layout, _rules
 
 # Provenance of a value (a `View` is the fourth kind).
 CONST = "const"  # depends on neither parameters nor the example
@@ -37,11 +40,56 @@ _ORDER = {CONST: 0, PARAMS: 1, DATA: 2}
 
 # Equations that keep a value a view of one leaf: replaying them on the leaf and taking
 # their VJP maps gradients back to it. The isometric ones also preserve norms.
-_ELEMENTWISE = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
-_ISOMETRIC = _ELEMENTWISE | {"reshape", "transpose", "squeeze", "slice"}
-_VIEWS = _ISOMETRIC | {"broadcast_in_dim"}
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
-_REMAT = frozenset({"remat2", "checkpoint"})
+_ELEMENTWISE = frozenset({prims.convert_element_type_p, prims.copy_p, prims.reduce_precision_p})
+_ISOMETRIC = _ELEMENTWISE | {prims.reshape_p, prims.transpose_p, prims.squeeze_p, prims.slice_p}
+_VIEWS = _ISOMETRIC | {prims.broadcast_in_dim_p}
+# Structural equations whose bodies are analysed (and evaluated with taps inside).
+_CALLS = frozenset({prims.jit_p, prims.closed_call_p})
+_REMAT = frozenset({prims.remat_p})
+_SCAN = prims.scan_p
+# Why a leaf used by these equations is taken in the pass.
+_OPAQUE = {
+  prims.cond_p: "used inside `cond` (branches are not analysed)",
+  prims.while_p: "used inside `while_loop` (its body is not analysed)",
+  prims.custom_jvp_call_p: "used inside a `custom_jvp` function (its gradient is its own)",
+  prims.custom_vjp_call_p: "used inside a `custom_vjp` function (its gradient is its own)",
+}
+
+
+# Elementwise arithmetic with data: biases, normalization scales. No rule is needed, by
+# design: the per-example gradient is as small as the leaf, formed in the pass.
+_ELEMENTWISE_USES = frozenset({prims.add_p, prims.sub_p, prims.mul_p, prims.div_p})
+BY_DESIGN = "elementwise"  # how the reasons of such uses start
+
+
+class _Slice(NamedTuple):
+  """A ``slice`` equation standing for one output of a ``split`` (in a view's chain)."""
+
+  primitive: Any
+  params: dict
+  outvars: list
+
+
+def _split_slices(eqn) -> list:
+  """``split``'s outputs as slices of its operand (a fused QKV kernel, say): each a view."""
+  shape, axis = eqn.invars[0].aval.shape, eqn.params["axis"]
+  slices, start = [], 0
+  for v in eqn.outvars:
+    stop = start + v.aval.shape[axis]
+    starts = [start if a == axis else 0 for a in range(len(shape))]
+    limits = [stop if a == axis else n for a, n in enumerate(shape)]
+    slices.append(
+      _Slice(
+        prims.slice_p, {"start_indices": starts, "limit_indices": limits, "strides": None}, [v]
+      )
+    )
+    start = stop
+  return slices
+
+
+def _callee(eqn):
+  """The closed jaxpr a call equation runs."""
+  return eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
 
 
 class View(NamedTuple):
@@ -91,10 +139,10 @@ class Use(NamedTuple):
 
 
 def _isometric(eqn) -> bool:
-  if eqn.primitive.name in _ISOMETRIC:
+  if eqn.primitive in _ISOMETRIC:
     return True
   # broadcast_in_dim that only adds unit axes (expand_dims) moves no value twice.
-  return eqn.primitive.name == "broadcast_in_dim" and (
+  return eqn.primitive is prims.broadcast_in_dim_p and (
     np.prod(eqn.outvars[0].aval.shape) == np.prod(eqn.invars[0].aval.shape)
   )
 
@@ -113,14 +161,39 @@ def _read(env, v):
 
 
 class _Found:
-  """What the analysis collects: the recognised uses and the leaves taken in the pass."""
+  """What the analysis collects: the recognised uses, and the leaves taken in the pass
+  with the reasons why."""
 
   def __init__(self):
     self.uses = []
-    self.in_pass = set()
+    self.in_pass = {}  # leaf -> reasons, in the order met
 
-  def give_up(self, provenances):
-    self.in_pass.update(p.leaf for p in provenances if isinstance(p, View))
+  def give_up(self, provenances, reason: str):
+    for p in provenances:
+      if isinstance(p, View):
+        reasons = self.in_pass.setdefault(p.leaf, [])
+        if reason not in reasons:
+          reasons.append(reason)
+
+  def merge(self, other):
+    self.uses += other.uses
+    for leaf, reasons in other.in_pass.items():
+      for reason in reasons:
+        self.give_up([View(leaf, (), ())], reason)
+
+
+def _why(eqn, kinds, rule) -> str:
+  """Why a use of a leaf by ``eqn`` (no view equation, no match) is taken in the pass."""
+  name = eqn.primitive.name
+  if eqn.primitive in _OPAQUE:
+    return _OPAQUE[eqn.primitive]
+  if "data" not in kinds:
+    return f"transformed by `{name}` before use"
+  if eqn.primitive in _ELEMENTWISE_USES and rule is None:
+    return f"{BY_DESIGN} `{name}` with data (a small per-example gradient, by design)"
+  if rule is not None:
+    return f"`{name}` use not recognised by its rule ({type(rule).__name__})"
+  return f"used by `{name}`, which has no rule (see clipjax.ghost.register_rule)"
 
 
 def _analyse(jaxpr, provenances, path, lengths, found) -> list:
@@ -130,21 +203,25 @@ def _analyse(jaxpr, provenances, path, lengths, found) -> list:
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
     ins = [_read(env, v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if name in _CALLS:
-      outs = _analyse(eqn.params["jaxpr"].jaxpr, ins, here, lengths, found)
-    elif name in _REMAT:
+    prim = eqn.primitive
+    if prim in _CALLS:
+      outs = _analyse(_callee(eqn).jaxpr, ins, here, lengths, found)
+    elif prim in _REMAT:
       outs = _analyse(eqn.params["jaxpr"], ins, here, lengths, found)
-    elif name == "scan":
+    elif prim is _SCAN:
       outs = _analyse_scan(eqn, ins, here, lengths, found)
-    elif name in _VIEWS and len(ins) == 1 and isinstance(ins[0], View):
+    elif prim in _VIEWS and len(ins) == 1 and isinstance(ins[0], View):
       view = ins[0]
       outs = [View(view.leaf, view.chain + (eqn,), view.scanned)]
+    elif prim is lax.split_p and isinstance(ins[0], View):
+      view = ins[0]
+      outs = [View(view.leaf, view.chain + (s,), view.scanned) for s in _split_slices(eqn)]
     else:
-      rule = _rules.RULES.get(name)
-      position = rule.match(eqn, [_kind(p) for p in ins]) if rule else None
-      if position is None or rule.in_pass:
-        found.give_up(ins)
+      rule = _rules.rule_for(prim)
+      kinds = [_kind(p) for p in ins]
+      position = rule.match(eqn, kinds) if rule else None
+      if position is None:
+        found.give_up(ins, _why(eqn, kinds, rule))
         outs = [_join(ins)] * len(eqn.outvars)
       else:
         view = ins[position]
@@ -165,11 +242,12 @@ def _analyse_scan(eqn, ins, path, lengths, found) -> list:
     if isinstance(p, View):
       if j < n_consts:
         p = View(p.leaf, p.chain, p.scanned + (False,))
-      elif j >= n_consts + n_carry and all(e.primitive.name in _ELEMENTWISE for e in p.chain):
+      elif j >= n_consts + n_carry and all(e.primitive in _ELEMENTWISE for e in p.chain):
         # Elementwise views commute with slicing: the chain applies to the slice.
         p = View(p.leaf, p.chain, p.scanned + (True,))
       else:
-        found.give_up([p])
+        carried = j < n_consts + n_carry
+        found.give_up([p], "carried through a `scan`" if carried else "viewed, then scanned over")
         p = PARAMS
     inner.append(p)
   inner_lengths = lengths + (eqn.params["length"],)
@@ -182,18 +260,22 @@ def _analyse_scan(eqn, ins, path, lengths, found) -> list:
     if carry == inner[n_consts : n_consts + n_carry]:
       break
     inner[n_consts : n_consts + n_carry] = carry
-  found.uses += trial.uses
-  found.in_pass |= trial.in_pass
-  found.give_up(outs)
+  found.merge(trial)
+  found.give_up(outs, "passed out of a `scan`")
   return [_join([p]) for p in outs]
 
 
-def find_uses(closed, n_leaves: int, n_data: int) -> tuple[list, list]:
-  """The recognised uses of leaves outside the pass, and the leaves in the pass (sorted)."""
+def find_uses(closed, n_leaves: int, n_data: int, reasons: dict | None = None) -> tuple[list, list]:
+  """The recognised uses of leaves outside the pass, and the leaves in the pass (sorted).
+
+  ``reasons``, if given, receives every leaf in the pass with why it is there.
+  """
   found = _Found()
   provenances = [View(k, (), ()) for k in range(n_leaves)] + [DATA] * n_data
   outs = _analyse(closed.jaxpr, provenances, (), (), found)
-  found.give_up(outs)
+  found.give_up(outs, "returned by the loss function (as the loss or in aux)")
+  if reasons is not None:
+    reasons.update(found.in_pass)
   return [u for u in found.uses if u.leaf not in found.in_pass], sorted(found.in_pass)
 
 
@@ -229,7 +311,6 @@ def evaluate(jaxpr, consts, args, path, taps, records) -> list:
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
     ins = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
     inner = _inside(taps, here)
     if not inner:
       outs = bind(eqn, ins)
@@ -237,10 +318,10 @@ def evaluate(jaxpr, consts, args, path, taps, records) -> list:
         position = taps[here][1]
         records[here] = [x for j, x in enumerate(ins) if j != position]
         outs = [outs[0] + taps[here][0]]
-    elif name in _CALLS:
-      closed = eqn.params["jaxpr"]
+    elif eqn.primitive in _CALLS:
+      closed = _callee(eqn)
       outs = evaluate(closed.jaxpr, closed.consts, ins, here, taps, records)
-    elif name in _REMAT:
+    elif eqn.primitive in _REMAT:
       outs = _evaluate_remat(eqn, ins, here, inner, taps, records)
     else:  # scan
       outs = _evaluate_scan(eqn, ins, here, inner, taps, records)
@@ -294,9 +375,8 @@ def _evaluate_scan(eqn, ins, path, inner, taps, records):
 
 
 def replay_layout(chain, x):
-  """``chain`` applied to ``x`` as a pure rearrangement (casts skipped), in NumPy for an
-  array of leaf element indices or in JAX for values."""
-  xp = jnp if isinstance(x, jax.Array) else np
+  """``chain`` applied to ``x`` as a pure rearrangement (casts skipped): in JAX for
+  values, or on a ``_layout.Strided`` description of the leaf's element indices."""
   for eqn in chain:
     name, p = eqn.primitive.name, eqn.params
     if name == "reshape":
@@ -313,11 +393,14 @@ def replay_layout(chain, x):
         tuple(slice(a, b, s) for a, b, s in zip(p["start_indices"], p["limit_indices"], strides))
       ]
     elif name == "broadcast_in_dim":
+      if isinstance(x, _layout.Strided):
+        x = x.broadcast_in_dim(p["shape"], p["broadcast_dimensions"])
+        continue
       shape = list(p["shape"])
       expanded = [1] * len(shape)
       for axis, d in zip(p["broadcast_dimensions"], x.shape):
         expanded[axis] = d
-      x = xp.broadcast_to(x.reshape(expanded), shape)
-    elif name not in _ELEMENTWISE:
+      x = jnp.broadcast_to(x.reshape(expanded), shape)
+    elif eqn.primitive not in _ELEMENTWISE:
       raise NotImplementedError(name)  # find_uses admits no other view equation
   return x
