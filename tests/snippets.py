@@ -16,6 +16,9 @@ INSTALL = re.compile(
 # that provide it (or the package named on the install line).
 NEEDS = {
   r"\bclipjax\.(dp_epsilon|calibrate_noise)\(": ("dp-accounting", {"privacy", "examples"}),
+  r"\bclipjax\.(correlated_noise|calibrate_correlated_noise|correlated_epsilon"
+  r"|banded_strategy|blt_strategy)\(": ("jax-privacy", {"correlated"}),
+  r"\bclipjax\.(save_checkpoint|restore_checkpoint)\(": ("orbax-checkpoint", {"checkpoint"}),
   r"^(import|from) flax\b": ("flax", set()),
   r"^(import|from) equinox\b": ("equinox", set()),
   r"^(import|from) sklearn\b": ("scikit-learn", {"examples"}),
