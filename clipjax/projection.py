@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _checks, _norms
-from clipjax.rescale import _prepare as _prepare_box
+from clipjax._eta import prepare_box
 from clipjax.rescale import rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
@@ -53,7 +53,7 @@ class _Problem(NamedTuple):
 
 def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
   """Flattens and checks structures. Returns (problem, treedef, result dtype)."""
-  box, treedef, out = _prepare_box(y, center, lower, upper, names=("y", "center"))
+  box, treedef, out = prepare_box(y, center, lower=lower, upper=upper, names=("y", "center"))
   return _Problem(*box), treedef, out
 
 
