@@ -651,3 +651,25 @@ def test_bad_input_under_jit_is_nan(x, delta, eps, lower, p):
   g = jax.jit(lambda x, d, lo: clipjax.max_norm(x, d, p=p, lower=lo))
   if not np.isnan(eps) and eps >= 0:
     assert np.isnan(float(g(np.array(x), np.array(delta), lower)))
+
+
+class VariantsTest(chex.TestCase):
+  """``rescale``, ``perturb`` and ``max_norm`` on a pytree, with and without ``jit``."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_oracle(self):
+    rng = np.random.default_rng(31)
+    x = {"a": rng.uniform(0, 1, (3, 4)), "b": [rng.uniform(0, 1, 5)]}
+    d = jax.tree.map(lambda v: rng.standard_normal(v.shape), x)
+    flat_x, flat_d = oracle.flat(jax.tree.leaves(x)), oracle.flat(jax.tree.leaves(d))
+    for p in (1.0, 2.0, math.inf):
+      eps = 0.6 * oracle.max_norm(flat_x, flat_d, p)
+      want = oracle.rescale(flat_x, flat_d, eps, p)
+      eta = self.variant(functools.partial(clipjax.rescale, p=p))(x, d, eps)
+      chex.assert_trees_all_close(eta, want, rtol=1e-10)
+      y = self.variant(functools.partial(clipjax.perturb, p=p))(x, d, eps)
+      chex.assert_trees_all_equal_shapes_and_dtypes(y, x)
+      moved = jax.tree.map(lambda a, b: np.clip(a + want * b, 0, 1), x, d)
+      chex.assert_trees_all_close(y, moved, rtol=1e-10)
+      reach = self.variant(functools.partial(clipjax.max_norm, p=p))(x, d)
+      chex.assert_trees_all_close(reach, oracle.max_norm(flat_x, flat_d, p), rtol=1e-12)
