@@ -26,6 +26,7 @@ In every case, if ``clip(y)`` already lies in the ball it is the answer (``mu = 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -198,7 +199,7 @@ def _project_1(problem: _Problem, eps, inside) -> list[jax.Array]:
   return out
 
 
-@jax.jit(static_argnames=("p", "treedef"))
+@functools.partial(jax.jit, static_argnames=("p", "treedef"))
 def _project(problem: _Problem, eps, p: float, treedef) -> list[jax.Array]:
   clipped = [jnp.clip(y, lo, hi) for y, _, lo, hi in zip(*problem)]
   inside = _norms.global_norm([z - c for z, c in zip(clipped, problem.cs)], p) <= eps
