@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -65,6 +66,8 @@ def batched_solver(p: float, method: str, config):
     else:
       config.saw("lockstep")
       out = solve_rows(box, eps, 1)
+    # custom_vmap's contract: one (eta, beyond) per row, batched along the leading axis.
+    chex.assert_shape(out, (axis_size,))
     return out, (True, True)
 
   return solve

@@ -673,3 +673,17 @@ class VariantsTest(chex.TestCase):
       chex.assert_trees_all_close(y, moved, rtol=1e-10)
       reach = self.variant(functools.partial(clipjax.max_norm, p=p))(x, d)
       chex.assert_trees_all_close(reach, oracle.max_norm(flat_x, flat_d, p), rtol=1e-12)
+
+
+def test_configuration_follows_the_inputs():
+  """Single-device inputs keep the backend's default; a sharded one would mark it."""
+  config = _rescale_config.default()
+  assert hash(config) == hash(_rescale_config.default())  # a static argument
+  leaves = [np.ones(3), jnp.ones(3)]
+  assert _rescale_config.for_inputs(leaves) == config
+  # Traced without mesh axes, sharding is decided later: the process's devices decide.
+  seen = []
+  jax.jit(lambda v: seen.append(_rescale_config.may_be_sharded([v])) or v)(jnp.ones(2))
+  assert seen == [jax.device_count() > 1]
+  marked = _rescale_config.for_inputs(leaves, dataclasses.replace(config, sharded=True))
+  assert marked.sharded and _solvers.resolve_method("auto", box_of(*leaves[:2]), marked) == "newton"
