@@ -78,7 +78,7 @@ def main(argv):
     "jax_version": jax.__version__,
     "backend": backend,
     "device_kind": jax.devices()[0].device_kind,
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     "quick": args.quick,
     "large": args.large,

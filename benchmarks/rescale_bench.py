@@ -23,7 +23,7 @@ medians over repeats):
   that vmap costs no more per element (batch 32, every kind);
 * ``lockstep``: the vmapped call with the batched solver forced to run the whole
   batch in lockstep, where the CPU default solves one row at a time (batch 32,
-  rows of at least ``clipjax._batching.ROW_ELEMENTS``; shorter rows already run in
+  rows of at least ``RescaleConfig.row_elements``; shorter rows already run in
   lockstep).
 
 Data kinds: ``uniform`` (x in [0, 1], Gaussian delta), ``sparse`` (x = 0 on ~80%
@@ -40,8 +40,8 @@ breakpoint is far above it (heavy tails again).
 Run ``python -m benchmarks --only rescale [--quick]``, or call ``run(quick)``.
 """
 
+import dataclasses
 import functools
-import importlib
 import itertools
 import math
 import sys
@@ -53,6 +53,7 @@ from jax import lax
 
 import clipjax
 from benchmarks._timing import interleaved_medians
+from clipjax import _eta, _rescale_config
 
 _KINDS = ("uniform", "sparse", "sign", "heavy")
 # (batch, n, data kinds) points of the grid.
@@ -203,17 +204,15 @@ def _vmapped(p, method):
   return jax.vmap(functools.partial(clipjax.rescale, p=p, method=method))
 
 
-def _patched(p, x, d, eps, module, name, value):
-  """The vmapped default traced while ``clipjax.<module>.<name>`` is ``value`` (the
-  program keeps that choice), or None where it lowers to the default's program."""
+def _patched(p, x, d, eps, **changes):
+  """The vmapped default with the backend's ``RescaleConfig`` changed by ``changes``, or
+  None where that lowers to the default's program."""
   default = jax.jit(_vmapped(p, "auto")).lower(x, d, eps).as_text()
-  module = importlib.import_module(f"clipjax.{module}")
-  original = getattr(module, name)
-  setattr(module, name, value)
-  try:
-    lowered = jax.jit(_vmapped(p, "auto")).lower(x, d, eps)
-  finally:
-    setattr(module, name, original)
+  config = dataclasses.replace(_rescale_config.default(), **changes)
+  solve = lambda x, d, e: _eta.solve_eta(
+    x, d, e, p=p, lower=0.0, upper=1.0, method="auto", config=config
+  )[0]
+  lowered = jax.jit(jax.vmap(solve)).lower(x, d, eps)
   if lowered.as_text() == default:
     return None
   compiled = lowered.compile()
@@ -243,9 +242,7 @@ def _candidates(p, x, d, eps, host, extras):
     thunks["bisect40"] = _compiled(jax.vmap(functools.partial(_bisect40, p=p)), x, d, eps)
   if extras:
     thunks["unbatched"] = _unbatched(p, x, d, eps)
-    lockstep = (
-      _patched(p, x, d, eps, "_batching", "row_by_row", lambda tree: False) if finite else None
-    )
+    lockstep = _patched(p, x, d, eps, row_by_row=False) if finite else None
     if lockstep is not None:
       thunks["lockstep"] = lockstep
   return thunks

@@ -1,13 +1,13 @@
 """Newton's sampled start against its cold start, on rows around the threshold.
 
-``clipjax.rescale`` starts Newton on rows of at least ``_solvers.SAMPLE_MIN_ROW`` elements
-(2^17) from the solution of a strided sample (``_solvers.sample_probe``). For rows on both
+``clipjax.rescale`` starts Newton on rows of at least ``RescaleConfig.sample_min_row``
+elements (2^17) from the solution of a strided sample (``_solvers.sample_probe``). For rows on both
 sides of that threshold this suite times ``jax.jit(jax.vmap(rescale))`` both
 ways, in one process and interleaved, next to ``rescale_bench``'s streaming floor:
 
-* ``sampled``: every row starts from its sample (``_solvers.SAMPLE_MIN_ROW`` lowered to
-  the row's length);
-* ``cold``: no row samples (``_solvers.SAMPLE_MIN_ROW`` raised to infinity).
+* ``sampled``: every row starts from its sample (``sample_min_row`` lowered to the row's
+  length);
+* ``cold``: no row samples (``sample_min_row`` raised past it).
 
 Each row's ``ratio`` is over the floor; ``sampled`` rows add ``ratio_vs_cold`` and
 ``max_rel_diff_vs_cold``. Data kinds and eps are ``rescale_bench``'s.
@@ -17,7 +17,6 @@ Run ``python -m benchmarks --only sampling [--quick]``, or call ``run(quick)``.
 
 import functools
 import itertools
-import math
 import sys
 
 import jax
@@ -38,8 +37,8 @@ _QUICK = {"points": [(32, 150528)], "kinds": ("heavy",), "ps": (2.0,), "repeats"
 
 
 def _forced(p, x, d, eps, min_row):
-  """The vmapped call compiled with ``_SAMPLE_MIN_ROW = min_row``."""
-  patched = rb._patched(p, x, d, eps, "_solvers", "SAMPLE_MIN_ROW", min_row)
+  """The vmapped call compiled with ``sample_min_row = min_row``."""
+  patched = rb._patched(p, x, d, eps, sample_min_row=min_row)
   return patched or rb._compiled(rb._vmapped(p, "auto"), x, d, eps)
 
 
@@ -61,7 +60,7 @@ def run(quick: bool) -> list[dict]:
       eps = jax.jit(jax.vmap(functools.partial(clipjax.max_norm, p=p)))(x, d) / 2
       thunks = {
         "sampled": _forced(p, x, d, eps, n),
-        "cold": _forced(p, x, d, eps, math.inf),
+        "cold": _forced(p, x, d, eps, n + 1),
         **rb._floor_thunks(x, d),
       }
       medians, outputs = interleaved_medians(thunks, grid["repeats"])

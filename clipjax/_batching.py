@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -12,30 +13,23 @@ from jax import lax
 from clipjax._breakpoints import Box, eta_inf
 from clipjax._solvers import eta_finite
 
-# On one CPU device, rows of at least ROW_ELEMENTS elements are solved one at a
-# time: a row stays in cache through all of its passes and waits for no other row
-# (one lockstep solve took 0.97-1.9x as long at 32 x 4M, median 1.44, and
-# 0.70-1.6x at 32 x 150528, median 0.97). Shorter rows are solved in lockstep
-# groups of up to GROUP_ELEMENTS elements, as the loop's fixed cost per pass
-# dominates them (rows one at a time took 1.5-3.1x as long at 128 x 3072; groups
-# of 4 to 64 rows 0.85-1.8x). Measured with benchmarks/.
-ROW_ELEMENTS = 1 << 17
-GROUP_ELEMENTS = 1 << 22
-
 
 @functools.cache
-def batched_solver(p: float, method: str):
+def batched_solver(p: float, method: str, config):
   """The solve as a ``custom_vmap`` function, so that ``vmap`` picks its batching.
 
   The batched solve runs its rows in lockstep: every pass covers all of them and the
-  loop runs until the slowest has converged. On one CPU device it runs on groups
-  of rows, or single rows, in turn (see ``ROW_ELEMENTS``). Returns (eta, beyond).
+  loop runs until the slowest has converged. With ``config.row_by_row`` it runs on
+  groups of rows, or single rows, in turn: a long row stays in cache through all
+  of its passes and waits for no other row, while on short rows the loop's fixed
+  cost per pass dominates, which a group shares (``config.row_elements``,
+  ``config.group_elements``). Returns (eta, beyond).
   """
 
   def solve_rows(box, eps, nb):
     if p == math.inf:
-      return eta_inf(box, eps, nb), jnp.zeros(jnp.shape(eps), bool)
-    return eta_finite(box, eps, p, method, nb)
+      return eta_inf(box, eps, nb, config), jnp.zeros(jnp.shape(eps), bool)
+    return eta_finite(box, eps, p, method, nb, config)
 
   @jax.custom_batching.custom_vmap
   def solve(box, eps):
@@ -65,11 +59,15 @@ def batched_solver(p: float, method: str):
     eps = eps if eps_b else jnp.broadcast_to(eps, (axis_size,))
     flags = [True] * 2 * len(box.xs) + list(box_b.los) + list(box_b.his) + [True]
     row = sum(math.prod(v.shape) for v in box.xs) // max(axis_size, 1)
-    rows = 1 if row >= ROW_ELEMENTS else max(1, GROUP_ELEMENTS // max(row, 1))
-    if row_by_row((box, eps)) and rows < axis_size:
+    rows = 1 if row >= config.row_elements else max(1, config.group_elements // max(row, 1))
+    if row_by_row((box, eps), config) and rows < axis_size:
+      config.saw("one row at a time" if rows == 1 else "row groups")
       out = _in_groups(solve_rows, (box, eps), flags, rows)
     else:
+      config.saw("lockstep")
       out = solve_rows(box, eps, 1)
+    # custom_vmap's contract: one (eta, beyond) per row, batched along the leading axis.
+    chex.assert_shape(out, (axis_size,))
     return out, (True, True)
 
   return solve
@@ -103,15 +101,14 @@ def _in_groups(fn, args, flags, rows):
   return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
 
 
-def row_by_row(tree) -> bool:
-  """Whether a batched solve may run on groups of rows in turn (see ROW_ELEMENTS).
+def row_by_row(tree, config) -> bool:
+  """Whether a batched solve may run on groups of rows in turn (see ``batched_solver``).
 
-  Only on a single CPU device. On accelerators, and whenever there is more than
-  one device (the batch may be sharded, and a loop over its rows would gather
-  them), one lockstep solve keeps every reduction row-local, so the partitioner
-  never gathers rows.
+  Where ``config`` allows it (the CPU default) and the inputs are not sharded: on a
+  sharded batch a loop over its rows would gather them, while one lockstep solve
+  keeps every reduction row-local, so the partitioner never gathers rows.
   """
-  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+  if not config.row_by_row or config.sharded:
     return False
   # Arrays typed with explicit-axis shardings (even on one device) cannot be scanned.
   specs = [

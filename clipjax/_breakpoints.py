@@ -68,7 +68,7 @@ class Scale(NamedTuple):
   start: jax.Array  # a first Newton iterate at or left of the solution (0 if none is trusted)
 
 
-def first_pass(box: Box, eps, p, nb, probe=None) -> Scale:
+def first_pass(box: Box, eps, p, nb, config, probe=None) -> Scale:
   """One pass: validity, whether eps is reachable, a scale ``m`` and a first step.
 
   At ``eta = 0`` only coordinates without room are saturated (they contribute
@@ -91,14 +91,16 @@ def first_pass(box: Box, eps, p, nb, probe=None) -> Scale:
     ]
     if probe is not None:
       parts += terms(s, ad, probe[0], eps, probe[1], p, nb)[:2]
-    out, b, a, *at_probe = reduce_rows(jnp.sum, parts, nb)
+    out, b, a, *at_probe = reduce_rows(jnp.sum, parts, nb, config)
     bad, total, free = bad + out, total + b, free + a
     if probe is not None:
       sb, sa = sb + at_probe[0], sa + at_probe[1]
   trusted = (free >= TINY) & jnp.isfinite(free)
   start = jnp.where(trusted, eps / root(jnp.where(trusted, free, 1), p), 0)
   m = lax.cond(
-    jnp.all(trusted), lambda: jnp.ones_like(free), lambda: free_max(box, jnp.zeros_like(free), nb)
+    jnp.all(trusted),
+    lambda: jnp.ones_like(free),
+    lambda: free_max(box, jnp.zeros_like(free), nb, config),
   )
   m = jnp.where(trusted, 1, m)
   if probe is not None:
@@ -119,7 +121,7 @@ def terms(s, ad, eta, eps, m, p, nb):
   return b, a, free
 
 
-def stats(box: Box, eta, eps, m, p, nb):
+def stats(box: Box, eta, eps, m, p, nb, config):
   """One pass: ``Σ_S b_i`` and ``Σ_{not S} a_i``.
 
   ``S = {i : s_i <= eta·|delta_i|}`` and ``a_i = (|delta_i| / m)^p``. Only sums:
@@ -127,17 +129,17 @@ def stats(box: Box, eta, eps, m, p, nb):
   """
   sb = sa = 0.0
   for s, ad in leaves(box):
-    b, a = reduce_rows(jnp.sum, terms(s, ad, eta, eps, m, p, nb)[:2], nb)
+    b, a = reduce_rows(jnp.sum, terms(s, ad, eta, eps, m, p, nb)[:2], nb, config)
     sb, sa = sb + b, sa + a
   return sb, sa
 
 
-def free_max(box: Box, eta, nb):
+def free_max(box: Box, eta, nb, config):
   """``max_{not S} |delta_i|``: a scale for the free sum that cannot underflow."""
   top = 0.0
   for s, ad in leaves(box):
     free = jnp.where(s <= per_row(eta, s.ndim, nb) * ad, 0, ad)
-    top = jnp.maximum(top, reduce_rows(jnp.max, (free,), nb)[0])
+    top = jnp.maximum(top, reduce_rows(jnp.max, (free,), nb, config)[0])
   return top
 
 
@@ -159,11 +161,11 @@ def last_breakpoint(box: Box, nb):
   return r
 
 
-def closed_form(box: Box, eps, p, nb, eta_star, beyond):
+def closed_form(box: Box, eps, p, nb, eta_star, beyond, config):
   """eta as a differentiable function of the data, with the final piece held fixed."""
   safe_eps = jnp.where(eps > 0, eps, 1)
   # eta does not depend on the scale m; holding it fixed keeps its max out of the tangent.
-  m = lax.stop_gradient(free_max(box, eta_star, nb))
+  m = lax.stop_gradient(free_max(box, eta_star, nb, config))
   m = jnp.where(m > 0, m, 1)
   sb = sa = 0.0
   for s, ad in leaves(box):
@@ -174,11 +176,11 @@ def closed_form(box: Box, eps, p, nb, eta_star, beyond):
   return jnp.where((eps > 0) & (lax.stop_gradient(eta_star) > 0), eta, 0)
 
 
-def eta_inf(box: Box, eps, nb=0):
+def eta_inf(box: Box, eps, nb, config):
   """p = inf: ``eta = e / max{|delta_i| : s_i >= e}`` with ``e = min(eps, max reachable)``."""
   reach = bad = 0.0
   for (x, d, lo, hi), (s, ad) in zip(zip(*box), leaves(box)):
-    r, b = reduce_rows(jnp.max, (jnp.where(ad > 0, s, 0), outside(x, d, lo, hi)), nb)
+    r, b = reduce_rows(jnp.max, (jnp.where(ad > 0, s, 0), outside(x, d, lo, hi)), nb, config)
     reach, bad = jnp.maximum(reach, r), jnp.maximum(bad, b)
   e = jnp.minimum(eps, reach)
   speed = 0.0

@@ -1,7 +1,8 @@
 """The solvers of ``rescale``, registered once: ``SOLVERS`` maps each method to its solve.
 
 Each solver takes the box, ``eps``, the first pass's :class:`~clipjax._breakpoints.Scale`,
-``p`` and the number of batch axes, and returns ``eta`` (``inf`` where nothing is left
+``p``, the number of batch axes and the :class:`~clipjax._rescale_config.RescaleConfig`
+(static), and returns ``eta`` (``inf`` where nothing is left
 free: the caller takes the last breakpoint there). ``rescale``'s ``method`` names are
 ``"auto"`` and the keys of ``SOLVERS``.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -38,36 +38,19 @@ def _register(name):
   return add
 
 
-# Newton passes before switching to the bounded, exact bisection fallback. Random and
-# image-like data need 4 to 8; only contrived inputs come near this.
-MAX_NEWTON_PASSES = 40
-
-
-# Rows of at least SAMPLE_MIN_ROW elements start Newton near the solution of a
-# strided sample of every SAMPLE_STRIDE-th coordinate (see sample_probe). On
-# the benchmark's data that leaves two or three Newton passes after the first
-# pass (which takes the tangent), against two to seven from the cold start.
-# The sample's own solve has a fixed cost (its loop) that rows shorter than this
-# do not earn back (benchmarks/sampling_bench.py, sampled over cold start in
-# the recorded run: 0.90-1.33x at 32 x 16384, 0.76-1.12x at 32 x 65536,
-# 0.62-0.92x at 32 x 150528, 0.40-0.99x at 1 x 4M).
-SAMPLE_STRIDE = 256
-SAMPLE_MIN_ROW = 1 << 17
-
-
-def _sample(box: Box, nb) -> Box:
-  """Every ``SAMPLE_STRIDE``-th coordinate of each leaf."""
+def _sample(box: Box, nb, stride) -> Box:
+  """Every ``stride``-th coordinate of each leaf."""
   parts = [[], [], [], []]
   for leaf in zip(*box):
     shape = jnp.shape(leaf[0])
     for part, v in zip(parts, leaf):
       if jnp.ndim(v):  # scalar bounds apply to the sample as they are
-        v = jnp.reshape(jnp.broadcast_to(v, shape), shape[:nb] + (-1,))[..., ::SAMPLE_STRIDE]
+        v = jnp.reshape(jnp.broadcast_to(v, shape), shape[:nb] + (-1,))[..., ::stride]
       part.append(v)
   return Box(*parts)
 
 
-def sample_probe(box: Box, eps, p, nb):
+def sample_probe(box: Box, eps, p, nb, config):
   """Where the first pass takes a tangent (``(eta_0, m_0)``), or None on short rows.
 
   ``eta_0`` solves the problem restricted to a strided sample, with ``eps``
@@ -75,20 +58,22 @@ def sample_probe(box: Box, eps, p, nb):
   solution. ``m_0`` is the sample's largest ``|delta_i|``, the scale for the free
   sum at ``eta_0`` (the full row's is not known until the pass ends).
   """
+  stride = config.sample_stride
   sizes = [math.prod(jnp.shape(x)[nb:]) for x in box.xs]
-  row, kept = sum(sizes), sum(-(-n // SAMPLE_STRIDE) for n in sizes)
+  row, kept = sum(sizes), sum(-(-n // stride) for n in sizes)
   # Many leaves shorter than the stride would make the sample as long as the row;
-  # with several devices, the strided slice of a sharded row would move data.
-  if row < SAMPLE_MIN_ROW or kept > row // 2 or jax.device_count() > 1:
+  # on a sharded row the strided slice would move data.
+  if row < config.sample_min_row or kept > row // 2 or config.sharded:
     return None
-  sample = _sample(box, nb)
-  eta0, _ = eta_finite(sample, eps * (kept / row) ** (1 / p), p, "newton", nb)
+  config.saw("sampled start")
+  sample = _sample(box, nb, stride)
+  eta0, _ = eta_finite(sample, eps * (kept / row) ** (1 / p), p, "newton", nb, config)
   m0 = functools.reduce(jnp.maximum, [row_max(jnp.abs(d), nb) for d in sample.ds])
   return jnp.where(jnp.isfinite(eta0), eta0, 0), jnp.where(m0 > 0, m0, 1)
 
 
 @_register("newton")
-def newton(box, eps, sc, p, nb):
+def newton(box, eps, sc, p, nb, config):
   """Active-set Newton from the left; exact when the saturated set stops growing.
 
   ``F(v)`` is concave and piecewise linear, so each step lands on the root of the
@@ -103,7 +88,7 @@ def newton(box, eps, sc, p, nb):
 
   def cond(carry):
     k, eta, prev, _ = carry
-    return (k < MAX_NEWTON_PASSES) & jnp.any(eta > prev)
+    return (k < config.max_newton_passes) & jnp.any(eta > prev)
 
   def body(carry):
     k, eta, _, m = carry
@@ -111,9 +96,9 @@ def newton(box, eps, sc, p, nb):
     # out of the loop, XLA would write them out once and read them back on every
     # pass, which costs more than a whole pass over x and delta (benchmarks/).
     box_k, _ = lax.optimization_barrier((box, eta))
-    sb, sa = stats(box_k, eta, eps, m, p, nb)
+    sb, sa = stats(box_k, eta, eps, m, p, nb, config)
     coarse = sa < TINY
-    m_free = lax.cond(jnp.any(coarse), lambda: free_max(box_k, eta, nb), lambda: m)
+    m_free = lax.cond(jnp.any(coarse), lambda: free_max(box_k, eta, nb, config), lambda: m)
     rescaled = coarse & (m_free > 0)  # else nothing is free and sa == 0 is right
     step = jnp.maximum(piece_root(sb, sa, eps, m, p), eta)
     return (
@@ -127,15 +112,16 @@ def newton(box, eps, sc, p, nb):
   init = (0, sc.start, jnp.where(sc.beyond, sc.start, -1), sc.m)
   _, eta, prev, m = lax.while_loop(cond, body, init)
   stuck = eta > prev
-  return lax.cond(
-    jnp.any(stuck),
-    lambda: jnp.where(stuck, bisect(box, eps, sc, p, nb, lo=eta), eta),
-    lambda: eta,
-  )
+
+  def fallback():
+    config.saw_at_run_time("newton fallback")
+    return jnp.where(stuck, bisect(box, eps, sc, p, nb, config, lo=eta), eta)
+
+  return lax.cond(jnp.any(stuck), fallback, lambda: eta)
 
 
 @_register("bisect")
-def bisect(box, eps, sc, p, nb, lo=None):
+def bisect(box, eps, sc, p, nb, config, lo=None):
   """Bisection over the bit patterns of eta, then one exact Newton step.
 
   Positive floats order like their bit patterns, so at most 31 (float32) or 63
@@ -154,7 +140,7 @@ def bisect(box, eps, sc, p, nb, lo=None):
     total = 0.0
     for s, ad in leaves(lax.optimization_barrier((box, eta))[0]):  # see newton
       moved = jnp.minimum(per_row(eta, s.ndim, nb) * ad, s) * per_row(1 / eps, s.ndim, nb)
-      total = total + reduce_rows(jnp.sum, (power(moved, p),), nb)[0]
+      total = total + reduce_rows(jnp.sum, (power(moved, p),), nb, config)[0]
     return total < 1
 
   def body(carry):
@@ -166,14 +152,14 @@ def bisect(box, eps, sc, p, nb, lo=None):
   hi = jnp.maximum(last_breakpoint(box, nb), lo)
   lo_i, _ = lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), body, (as_int(lo), as_int(hi)))
   lo = as_float(lo_i)
-  m_free = free_max(box, lo, nb)
+  m_free = free_max(box, lo, nb, config)
   m_free = jnp.where(m_free > 0, m_free, 1)
-  sb, sa = stats(box, lo, eps, m_free, p, nb)
+  sb, sa = stats(box, lo, eps, m_free, p, nb, config)
   return piece_root(sb, sa, eps, m_free, p)
 
 
 @_register("sort")
-def sort(box, eps, sc, p, nb):
+def sort(box, eps, sc, p, nb, config):
   """The paper's algorithm: sort the breakpoints, cumulative sums, one linear solve.
 
   The sort needs the whole vector, so a pytree's leaves are concatenated here (and
@@ -213,30 +199,24 @@ def sort(box, eps, sc, p, nb):
   return piece_root(before, take(total, k), eps, jnp.where(m > 0, m, 1), p)
 
 
-# On one NVIDIA H200 the sort took 0.43-0.87x the active set's time on every row of
-# up to 16384 elements, and 1.3-3.2x from 65536 in batches of 32 (in between it
-# depends on the batch); on CPU the active set wins everywhere, by 9x to two orders
-# of magnitude (benchmarks/results/gpu-methods.json, cpu.json). TPUs are not
-# measured, and several devices keep the active set (the sort's reshape of a
-# sharded row needs an explicit sharding).
-GPU_SORT_MAX_ROW = 1 << 14
+def resolve_method(method: str, box: Box, config) -> str:
+  """``method``, or for ``"auto"`` the one ``config`` picks for this row length."""
+  if method == "auto":
+    row = sum(math.prod(jnp.shape(x)) for x in box.xs)
+    # The sort's reshape of a sharded row to one array would need an explicit sharding.
+    sort = not config.sharded and row <= config.sort_max_row
+    method = "sort" if sort else "newton"
+  return method
 
 
-def resolve_method(method: str, box: Box) -> str:
-  if method != "auto":
-    return method
-  row = sum(math.prod(jnp.shape(x)) for x in box.xs)
-  gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-  return "sort" if gpu and row <= GPU_SORT_MAX_ROW else "newton"
-
-
-def eta_finite(box: Box, eps, p, method, nb):
+def eta_finite(box: Box, eps, p, method, nb, config):
   """Returns (eta, whether eps is at or past the largest reachable norm)."""
   safe_eps = jnp.where(eps > 0, eps, 1)
-  probe = sample_probe(box, safe_eps, p, nb) if method == "newton" else None
-  sc = first_pass(box, safe_eps, p, nb, probe)
+  probe = sample_probe(box, safe_eps, p, nb, config) if method == "newton" else None
+  sc = first_pass(box, safe_eps, p, nb, config, probe)
   safe = sc._replace(m=jnp.where(sc.m > 0, sc.m, 1))
-  eta = jnp.maximum(SOLVERS[method](box, safe_eps, safe, p, nb), 0)
+  config.saw(method)
+  eta = jnp.maximum(SOLVERS[method](box, safe_eps, safe, p, nb, config), 0)
   # At or past the largest norm (the solvers answer inf where nothing is left free),
   # eta is the last breakpoint; that costs one more pass, so only when needed.
   last = sc.beyond | ~jnp.isfinite(eta)

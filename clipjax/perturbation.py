@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from clipjax import _checks
+from clipjax._eta import solve_eta
 from clipjax._typing import PyTree
-from clipjax.rescale import _rescale
 
 
 def perturb(
@@ -48,7 +48,7 @@ def perturb(
     >>> float(jnp.linalg.norm(y - x))
     0.5
   """
-  eta, box, treedef, _ = _rescale(x, delta, eps, p, lower, upper, method)
+  eta, box, treedef, _ = solve_eta(x, delta, eps, p=p, lower=lower, upper=upper, method=method)
   dtypes = [jnp.result_type(v) for v in jax.tree.leaves(x)]
   out = [
     jnp.clip(xi + eta * di, lo, hi).astype(dt if jnp.issubdtype(dt, jnp.floating) else eta.dtype)

@@ -26,6 +26,7 @@ In every case, if ``clip(y)`` already lies in the ball it is the answer (``mu = 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -34,8 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _checks, _norms
+from clipjax._eta import prepare_box
 from clipjax._typing import PyTree
-from clipjax.rescale import _prepare as _prepare_box
 from clipjax.rescale import rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
@@ -54,7 +55,7 @@ class _Problem(NamedTuple):
 
 def _prepare(y, center, lower, upper) -> tuple[_Problem, Any, Any]:
   """Flattens and checks structures. Returns (problem, treedef, result dtype)."""
-  box, treedef, out = _prepare_box(y, center, lower, upper, names=("y", "center"))
+  box, treedef, out = prepare_box(y, center, lower=lower, upper=upper, names=("y", "center"))
   return _Problem(*box), treedef, out
 
 
@@ -199,7 +200,7 @@ def _project_1(problem: _Problem, eps, inside) -> list[jax.Array]:
   return out
 
 
-@jax.jit(static_argnames=("p", "treedef"))
+@functools.partial(jax.jit, static_argnames=("p", "treedef"))
 def _project(problem: _Problem, eps, p: float, treedef) -> list[jax.Array]:
   clipped = [jnp.clip(y, lo, hi) for y, _, lo, hi in zip(*problem)]
   inside = _norms.global_norm([z - c for z, c in zip(clipped, problem.cs)], p) <= eps

@@ -8,94 +8,21 @@ arXiv:2007.07677, 2020).
 The pieces, one module per idea: ``_breakpoints`` (the piecewise-linear formulation
 every solver shares, and the closed forms that are differentiated), ``_solvers``
 (newton, bisect and sort, registered once), ``_reductions`` (fused row reductions),
-``_batching`` (the ``vmap`` rule). This module checks the arguments, solves without
-gradients and differentiates the closed form of the final piece.
+``_batching`` (the ``vmap`` rule), ``_rescale_config`` (the tuning, one static
+configuration) and ``_eta`` (checks the arguments, solves without gradients and
+differentiates the closed form of the final piece, for this module, ``perturbation``
+and ``projection``).
 """
 
 from __future__ import annotations
-
-import functools
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from clipjax import _checks, _norms
-from clipjax._batching import batched_solver
-from clipjax._breakpoints import Box, closed_form, eta_inf, leaves, outside
-from clipjax._solvers import SOLVERS, resolve_method
+from clipjax._breakpoints import leaves, outside
+from clipjax._eta import prepare_box, solve_eta
 from clipjax._typing import PyTree
-
-METHODS = ("auto", *SOLVERS)
-
-
-def _prepare(x, delta, lower, upper, names=("x", "delta")) -> tuple[Box, Any, Any]:
-  """Flattens and checks the inputs. Returns (box, treedef, result dtype).
-
-  The box holds the leaves in the compute dtype: at least float32, so half-precision
-  inputs are computed in float32 and rounded once at the end.
-  """
-  x_leaves, treedef = jax.tree.flatten(x)
-  d_leaves, d_treedef = jax.tree.flatten(delta)
-  if d_treedef != treedef:
-    raise ValueError(
-      f"{names[1]} must have the pytree structure of {names[0]}: {d_treedef} != {treedef}."
-    )
-  if not x_leaves:
-    raise ValueError(f"{names[0]} must contain at least one array.")
-  shapes = [jnp.shape(v) for v in x_leaves]
-  for shape, leaf in zip(shapes, d_leaves):
-    if jnp.shape(leaf) != shape:
-      raise ValueError(
-        f"{names[1]}'s leaf shape {jnp.shape(leaf)} differs from {names[0]}'s {shape}."
-      )
-  lo_leaves = _checks.bound_leaves(lower, treedef, shapes, "lower", names[0])
-  hi_leaves = _checks.bound_leaves(upper, treedef, shapes, "upper", names[0])
-  out = jnp.result_type(*x_leaves, *d_leaves)
-  if not jnp.issubdtype(out, jnp.floating):
-    out = jnp.result_type(float)
-  compute = _norms.accumulation_dtype(x_leaves + d_leaves)
-  cast = lambda vs: [jnp.asarray(v, compute) for v in vs]
-  return Box(cast(x_leaves), cast(d_leaves), cast(lo_leaves), cast(hi_leaves)), treedef, out
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _eta(box, eps, p, method):
-  return batched_solver(p, method)(box, eps)[0]
-
-
-@_eta.defjvp
-def _eta_jvp(p, method, primals, tangents):
-  box, eps = primals
-  eta, beyond = batched_solver(p, method)(box, eps)
-  if p == math.inf:  # already a closed form, with no loop in it
-    f = eta_inf
-  else:
-    f = lambda box, eps: closed_form(box, eps, p, 0, eta, beyond)
-  _, t = jax.jvp(f, primals, tangents)
-  return eta, t
-
-
-# Compiled once per shape, p and method: called eagerly, the solve's loops would
-# otherwise be traced and compiled again at every call (about a second each).
-_solve = jax.jit(_eta, static_argnums=(2, 3))
-
-
-def _rescale(x, delta, eps, p, lower, upper, method):
-  """Shared by ``rescale`` and ``perturb``: (eta in the compute dtype, box, treedef, out dtype)."""
-  p = _checks.canonical_p(p)
-  method = _checks.check_choice("method", method, METHODS)
-  box, treedef, out = _prepare(x, delta, lower, upper)
-  _checks.check_scalar_eps(eps)
-  _checks.check_box(*box)
-  eps = jnp.asarray(eps, box.xs[0].dtype)
-  if eps.ndim:
-    raise ValueError(f"eps must be a scalar, got shape {eps.shape}; use jax.vmap for a batch.")
-  # One closed form serves every method at p = inf.
-  method = "newton" if p == math.inf else resolve_method(method, box)
-  eta = _solve(box, eps, p, method)
-  return eta, box, treedef, out
 
 
 def rescale(
@@ -162,7 +89,7 @@ def rescale(
     Rauber & Bethge, "Fast Differentiable Clipping-Aware Normalization and
     Rescaling", arXiv:2007.07677, 2020.
   """
-  eta, _, _, out = _rescale(x, delta, eps, p, lower, upper, method)
+  eta, _, _, out = solve_eta(x, delta, eps, p=p, lower=lower, upper=upper, method=method)
   return eta.astype(out)
 
 
@@ -191,7 +118,7 @@ def max_norm(
     1.25
   """
   p = _checks.canonical_p(p)
-  box, _, out = _prepare(x, delta, lower, upper)
+  box, _, out = prepare_box(x, delta, lower=lower, upper=upper)
   _checks.check_box(*box)
   room = [jnp.where(ad > 0, s, 0) for s, ad in leaves(box)]
   bad = sum(jnp.sum(outside(*leaf)) for leaf in zip(*box))

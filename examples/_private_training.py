@@ -8,10 +8,9 @@ clip norm of the next step), then Adam. Epochs run as one compiled ``lax.scan`` 
 sampling inside it.
 """
 
-import argparse
-import os
 from typing import Any, NamedTuple
 
+import _cli
 import _digits
 import jax
 import jax.numpy as jnp
@@ -35,12 +34,10 @@ class Rule(NamedTuple):
 
 def arguments(doc):
   """A parser with the options both DP-SGD examples share: output folder, schedule, smoke."""
-  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
+  parser = _cli.parser(doc, seed=False)
   parser.add_argument("--epochs", type=int, default=40)
   parser.add_argument("--batch-size", type=int, default=64, help="the expected batch size")
   parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
   return parser
 
 

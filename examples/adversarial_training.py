@@ -28,18 +28,17 @@ as the attack.
 Run: ``python examples/adversarial_training.py [--smoke] [--out DIR]``.
 """
 
-import argparse
 import functools
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _cli  # noqa: E402  (examples/ is on sys.path when run as a script)
 import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -62,7 +61,7 @@ NORMS = {"L2": 2.0, "Linf": math.inf}
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = _cli.parser(__doc__)
   parser.add_argument("--train-eps-l2", type=float, default=1.0)
   parser.add_argument("--train-eps-linf", type=float, default=0.1)
   parser.add_argument("--eps-l2", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5])
@@ -73,16 +72,20 @@ def _parse(argv):
   parser.add_argument("--attack-steps", type=int, default=20, help="PGD steps of the evaluation")
   parser.add_argument("--restarts", type=int, default=5, help="random starts of the evaluation")
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
-  parser.add_argument("--smoke", action="store_true", help="tiny configuration")
-  args = parser.parse_args(argv)
+  # L2 only, and as many attack steps as training steps: compiling the attacks is
+  # most of the run's time.
+  args = _cli.parse(
+    parser,
+    argv,
+    methods=["plain", "PGD-L2 clipjax", "PGD-L2 usual"],
+    eps_linf=[],
+    epochs=2,
+    pgd_steps=2,
+    attack_steps=2,
+    restarts=1,
+  )
   if args.smoke:
-    # L2 only, and as many attack steps as training steps: compiling the attacks is
-    # most of the run's time.
-    args.methods = ["plain", "PGD-L2 clipjax", "PGD-L2 usual"]
-    args.eps_l2, args.eps_linf = [args.train_eps_l2], []
-    args.epochs, args.pgd_steps, args.attack_steps, args.restarts = 2, 2, 2, 1
+    args.eps_l2 = [args.train_eps_l2]
   return args
 
 
@@ -230,8 +233,6 @@ def _plot(rows, grids, args, path):
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data = _digits.load(seed=args.seed)
   grids = {"L2": args.eps_l2, "Linf": args.eps_linf}
   key = jax.random.key(args.seed + 2)
@@ -274,7 +275,7 @@ def main(argv=None):
     f"usual L2: robust accuracy at L2 eps {args.train_eps_l2:g} under the usual PGD "
     "(normalize, project, clip) with the same steps and starts"
   )
-  print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+  _cli.done(args, path)
   return {"rows": rows, "plot": path}
 
 

@@ -14,18 +14,17 @@ printed table and ``clipped_sgd_least_squares.png`` in ``--out`` show both.
 Run: ``python examples/clipped_sgd_least_squares.py [--smoke] [--out DIR]``.
 """
 
-import argparse
 import functools
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _cli  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -38,7 +37,7 @@ NOISES = ("gaussian", "student-t")
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = _cli.parser(__doc__, seed=False)
   parser.add_argument("--dim", type=int, default=500)
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--seeds", type=int, default=4)
@@ -51,12 +50,7 @@ def _parse(argv):
     default=[0.25, 0.5, 1.0, 2.0],
     help="thresholds in units of noise_std * sqrt(dim), a typical gradient norm",
   )
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
-  parser.add_argument("--smoke", action="store_true", help="tiny configuration")
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.dim, args.steps, args.seeds, args.num_lrs = 50, 400, 2, 5
-  return args
+  return _cli.parse(parser, argv, dim=50, steps=400, seeds=2, num_lrs=5)
 
 
 def _grid(args):
@@ -110,8 +104,6 @@ def _best(final, thresholds, clipped):
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   lrs, thresholds = _grid(args)
   tail = max(1, args.steps // 10)
   curves = {noise: [] for noise in NOISES}
@@ -171,7 +163,7 @@ def main(argv=None):
   plt.close(fig)
   for noise, r in results.items():
     print(f"{noise}: best clipped / best plain final excess risk = {r['ratio']:.3f}")
-  print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+  _cli.done(args, path)
   return {"results": results, "plot": path}
 
 

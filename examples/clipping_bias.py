@@ -18,10 +18,10 @@ Reference: Chen, Wu & Hong, "Understanding Gradient Clipping in Private SGD: A
 Geometric Perspective", NeurIPS 2020.
 """
 
-import argparse
 import math
 import os
 
+import _cli  # examples/ is on sys.path when run as a script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,17 +81,12 @@ def make_estimator(draws):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
+  parser = _cli.parser(__doc__, seed=False)
   parser.add_argument(
     "--draws", type=int, default=400_000, help="Monte Carlo copies of the pair of examples per x"
   )
   parser.add_argument("--points", type=int, default=161, help="grid size on [-4, 4]")
-  parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration")
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.draws, args.points = 20_000, 17
-  os.makedirs(args.out, exist_ok=True)
+  args = _cli.parse(parser, argv, draws=20_000, points=17)
 
   xs = np.unique(np.concatenate([np.linspace(-4, 4, args.points), TABLE_XS]))
   estimate = make_estimator(args.draws)
@@ -153,7 +148,7 @@ def main(argv=None):
   path = os.path.join(args.out, "clipping_bias.png")
   fig.savefig(path, dpi=120)
   plt.close(fig)
-  print(f"wrote {path}")
+  _cli.done(args, path)
   return results
 
 

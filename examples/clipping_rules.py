@@ -28,9 +28,9 @@ seeds) and the adaptive clip norms.
 import math
 import os
 import sys
-import time
 
-import _digits  # examples/ is on sys.path when run as a script
+import _cli  # examples/ is on sys.path when run as a script
+import _digits
 import _private_training as pt
 import jax
 import matplotlib
@@ -100,16 +100,11 @@ def _plot(results, epochs, path):
 def _parse(argv):
   parser = pt.arguments(__doc__)
   parser.add_argument("--seeds", type=int, default=3)
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.seeds, args.epochs = 1, 2
-  return args
+  return _cli.parse(parser, argv, seeds=1, epochs=2)
 
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data = _digits.load(seed=0)
   n = int(data.x_train.shape[0])
   steps_per_epoch = round(n / args.batch_size)
@@ -156,7 +151,7 @@ def main(argv=None):
     )
   path = os.path.join(args.out, "clipping_rules.png")
   _plot(results, args.epochs, path)
-  print(f"plot: {path}  ({time.perf_counter() - start:.0f} s)")
+  _cli.done(args, path)
   return {"results": results, "sigma": sigma, "epsilon": spent, "plot": path}
 
 

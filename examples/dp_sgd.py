@@ -27,9 +27,9 @@ batches); the plot shows test accuracy against the ε spent so far.
 
 import os
 import sys
-import time
 
-import _digits  # examples/ is on sys.path when run as a script
+import _cli  # examples/ is on sys.path when run as a script
+import _digits
 import _private_training as pt
 import jax
 import matplotlib
@@ -116,16 +116,11 @@ def _parse(argv):
   parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
   parser.add_argument("--audit-trials", type=int, default=100_000)
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.epsilons, args.epochs, args.audit_trials = [4.0], 2, 1_000
-  return args
+  return _cli.parse(parser, argv, epsilons=[4.0], epochs=2, audit_trials=1_000)
 
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data = _digits.load(seed=args.seed)
   n = int(data.x_train.shape[0])
   sample_rate = args.batch_size / n
@@ -197,7 +192,7 @@ def main(argv=None):
   )
   path = os.path.join(args.out, "dp_sgd.png")
   _plot(rows, baseline, args.epochs, path)
-  print(f"plot: {path}  ({time.perf_counter() - start:.0f} s)")
+  _cli.done(args, path)
   return {"rows": rows, "baseline": baseline, "plot": path, "sampler": sampler}
 
 

@@ -15,18 +15,17 @@ curve's optimism shows: at a claimed size it is evaluated on much less noise.
 Run: ``python examples/noise_robustness.py [--smoke] [--out DIR]``.
 """
 
-import argparse
 import functools
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _cli  # noqa: E402  (examples/ is on sys.path when run as a script)
 import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -41,21 +40,14 @@ _LABELS = {
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = _cli.parser(__doc__)
   parser.add_argument(
     "--eps-l2", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
   )
   parser.add_argument("--eps-linf", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
   parser.add_argument("--draws", type=int, default=8, help="noise draws per test image")
   parser.add_argument("--train-steps", type=int, default=600)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
-  parser.add_argument("--smoke", action="store_true", help="tiny configuration")
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.eps_l2, args.eps_linf = [1.0, 2.5], [0.3]
-    args.draws, args.train_steps = 1, 60
-  return args
+  return _cli.parse(parser, argv, eps_l2=[1.0, 2.5], eps_linf=[0.3], draws=1, train_steps=60)
 
 
 def _naive_noise(key, x, eps, p):
@@ -110,8 +102,6 @@ def _plot(rows, clean_accuracy, path):
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data, params = _digits.trained(seed=args.seed, steps=args.train_steps)
   clean_accuracy = _digits.accuracy(params, data.x_test, data.y_test)
 
@@ -155,7 +145,7 @@ def main(argv=None):
       f"{r['norm']:<5} {r['eps']:>7.2f} {r['naive_size']:>10.3f} {r['exact_size']:>10.3f} "
       f"{r['naive_size'] / r['eps']:>13.2f} {r['naive_acc']:>9.3f} {r['exact_acc']:>9.3f}"
     )
-  print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+  _cli.done(args, path)
   return {"clean_accuracy": clean_accuracy, "rows": rows, "plot": path}
 
 

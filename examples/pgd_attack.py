@@ -26,11 +26,9 @@ classified before the attack that are misclassified after it).
 Run: ``python examples/pgd_attack.py [--smoke] [--out DIR]``.
 """
 
-import argparse
 import functools
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _cli  # noqa: E402  (examples/ is on sys.path when run as a script)
 import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -90,17 +89,11 @@ VARIANTS = {
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = _cli.parser(__doc__)
   parser.add_argument("--eps", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--train-steps", type=int, default=600)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
-  parser.add_argument("--smoke", action="store_true", help="tiny configuration")
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.eps, args.steps, args.train_steps = [1.0], 5, 60
-  return args
+  return _cli.parse(parser, argv, eps=[1.0], steps=5, train_steps=60)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "steps"))
@@ -147,8 +140,6 @@ def _plot(rows, path):
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data, params = _digits.trained(seed=args.seed, steps=args.train_steps)
   correct = np.asarray(jnp.argmax(_digits.logits(params, data.x_test), -1) == data.y_test)
   x0, labels = data.x_test[correct], data.y_test[correct]
@@ -191,7 +182,7 @@ def main(argv=None):
       f"{r['step_ratio_min']:>6.3f} {r['distance']:>7.4f} {r['final_norm']:>9.4f} "
       f"{r['success']:>7.3f}"
     )
-  print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+  _cli.done(args, path)
   return {"rows": rows, "plot": path, "images": len(labels)}
 
 

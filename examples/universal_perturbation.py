@@ -21,17 +21,16 @@ true size (the same mean distance; exact puts every image at that distance).
 Run: ``python examples/universal_perturbation.py [--smoke] [--out DIR]``.
 """
 
-import argparse
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _cli  # noqa: E402  (examples/ is on sys.path when run as a script)
 import _digits  # noqa: E402  (examples/ is on sys.path when run as a script)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,18 +54,12 @@ _LABELS = {"exact": "clipjax.perturb", "naive": "naive: rescale, then clip"}
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = _cli.parser(__doc__)
   parser.add_argument("--eps", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25])
   parser.add_argument("--steps", type=int, default=150, help="Adam steps on delta")
   parser.add_argument("--restarts", type=int, default=4, help="random starts per delta")
   parser.add_argument("--train-steps", type=int, default=600, help="steps training the MLP")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=os.path.join("examples", "out"))
-  parser.add_argument("--smoke", action="store_true", help="tiny configuration")
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.eps, args.steps, args.restarts, args.train_steps = [1.0], 20, 2, 60
-  return args
+  return _cli.parse(parser, argv, eps=[1.0], steps=20, restarts=2, train_steps=60)
 
 
 def _objective(params, x, y, delta, eps, method):
@@ -192,8 +185,6 @@ def _plot(rows, deltas, path):
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data, params = _digits.trained(seed=args.seed, steps=args.train_steps)
   clean_accuracy = _digits.accuracy(params, data.x_test, data.y_test)
 
@@ -240,7 +231,7 @@ def main(argv=None):
     f"central differences: error {grad_error:.1e}; holding each image's scale constant "
     f"instead: error {held_error:.1e}"
   )
-  print(f"plot: {path}  ({time.perf_counter() - start:.1f} s)")
+  _cli.done(args, path)
   return {
     "clean_accuracy": clean_accuracy,
     "rows": rows,

@@ -38,7 +38,12 @@ def test_noise_robustness(tmp_path, capsys):
     assert row["exact_size"] == pytest.approx(row["eps"], rel=1e-4)
     assert row["exact_min_size"] == pytest.approx(row["eps"], rel=1e-4)
     assert row["naive_size"] < row["eps"] * (0.9 if row["norm"] == "L2" else 1.0)
-    assert 0.0 <= row["naive_acc"] <= 1.0 and 0.0 <= row["exact_acc"] <= 1.0
+    # Noise does not make the classifier better, and leaves it far above chance (0.1).
+    for acc in (row["naive_acc"], row["exact_acc"]):
+      assert 0.3 < acc <= result["clean_accuracy"] + 0.02
+  # At the largest L2 size the exact noise, being larger, costs more accuracy.
+  largest = max((r for r in result["rows"] if r["norm"] == "L2"), key=lambda r: r["eps"])
+  assert largest["exact_acc"] < largest["naive_acc"]
 
 
 def test_pgd_attack(tmp_path, capsys):
@@ -47,7 +52,7 @@ def test_pgd_attack(tmp_path, capsys):
   rows = {(r["variant"], r["eps"]): r for r in result["rows"]}
   for (variant, eps), row in rows.items():
     assert row["max_final_norm"] <= eps * (1 + 1e-5)
-    assert 0.0 <= row["success"] <= 1.0
+    assert row["success"] > 0.5  # of the correctly classified images: the attack works
     if variant == "clipping-aware step":
       assert row["step_ratio_min"] == pytest.approx(1.0, rel=1e-4)
       assert row["step_ratio_max"] == pytest.approx(1.0, rel=1e-4)
@@ -95,7 +100,9 @@ def test_dp_sgd(tmp_path, capsys):
   assert row["epsilon_curve"][-1] == pytest.approx(row["epsilon_pld"])
   # The audit certifies a lower bound that the claim must exceed.
   assert 0.0 <= row["audit_epsilon"] < row["one_step_epsilon"]
-  assert 0.0 <= row["accuracy"][-1] <= 1.0 and result["baseline"][-1] > 0.5
+  # The private model learns (chance is 0.1) and does not beat the non-private one.
+  assert result["baseline"][-1] > 0.5
+  assert 0.3 < row["accuracy"][-1] < result["baseline"][-1] + 0.05
 
 
 def test_adversarial_training(tmp_path, capsys):
@@ -104,9 +111,12 @@ def test_adversarial_training(tmp_path, capsys):
   rows = {r["method"]: r for r in result["rows"]}
   assert {"plain", "PGD-L2 clipjax", "PGD-L2 usual"} <= set(rows)
   for r in rows.values():
-    accuracies = [r["clean"], r["L2 usual attack"], *r["L2"].values(), *r["Linf"].values()]
-    assert all(0.0 <= a <= 1.0 for a in accuracies)
+    attacked = [r["L2 usual attack"], *r["L2"].values(), *r["Linf"].values()]
+    assert all(a < r["clean"] for a in attacked), r  # the attacks cost accuracy
   assert rows["plain"]["clean"] > 0.5
+  # Adversarial training buys robustness at the training eps.
+  robust = min(min(rows[m]["L2"].values()) for m in ("PGD-L2 clipjax", "PGD-L2 usual"))
+  assert robust > max(rows["plain"]["L2"].values())
   # clipjax.pgd's training perturbations use (nearly) all of eps; the usual recipe's
   # are shortened by clipping.
   assert rows["PGD-L2 clipjax"]["budget_used"] > 0.99
@@ -123,7 +133,8 @@ def test_universal_perturbation(tmp_path, capsys):
     assert r["naive_size"] < r["eps"] and r["naive_max_size"] <= r["eps"] * (1 + 1e-5)
     assert r["exact_matched_max_error"] <= 1e-4 * r["eps"]
     for fool in ("exact_fool", "naive_fool", "exact_matched_fool"):
-      assert 0.0 <= r[fool] <= 1.0
+      # A learned perturbation fools several times what random noise of its size does.
+      assert 0.05 < r[fool] < 1.0
   # The derivative through the scale is exact; holding the scale constant is not.
   assert result["gradient_error"] < 1e-6
   assert result["held_scale_error"] > 1e-2
@@ -135,6 +146,6 @@ def test_clipping_rules(tmp_path, capsys):
   assert result["epsilon"] <= 2.0 * (1 + 1e-9)
   for name, r in result["results"].items():
     assert r["sensitivity"] == pytest.approx(1.0, rel=1e-6), name
-    assert all(0.0 <= a <= 1.0 for a in r["final"])
+    assert all(a > 0.3 for a in r["final"]), name  # learned: chance is 0.1
     if r["adaptive"]:  # the clip norms moved, and stayed positive and finite
       assert all(0 < c < math.inf for c in jax.tree.leaves(r["clip_norms"][0]))

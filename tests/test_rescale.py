@@ -1,9 +1,11 @@
 """Tests for clipjax.rescale and clipjax.max_norm against the float64 NumPy oracle."""
 
+import dataclasses
 import functools
 import importlib
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,9 @@ from hypothesis import strategies as st
 
 import clipjax
 
-rescale_module = importlib.import_module("clipjax.rescale")
-_batching = importlib.import_module("clipjax._batching")
 _breakpoints = importlib.import_module("clipjax._breakpoints")
-_reductions = importlib.import_module("clipjax._reductions")
+_eta = importlib.import_module("clipjax._eta")
+_rescale_config = importlib.import_module("clipjax._rescale_config")
 _solvers = importlib.import_module("clipjax._solvers")
 
 P_VALUES = [1.0, 1.5, 2.0, 3.0, 7.0, math.inf]
@@ -35,6 +36,27 @@ SOLVER_CASES = [
 @functools.cache
 def jitted(p, method):
   return jax.jit(functools.partial(clipjax.rescale, p=p, method=method))
+
+
+def configured(**changes):
+  """The CPU default with ``changes``, reporting its paths, and the set they go to."""
+  seen = set()
+
+  def report(path):
+    seen.add(path)
+
+  return dataclasses.replace(_rescale_config.default("cpu"), report=report, **changes), seen
+
+
+def rescale_with(config, *, p=2.0, method="auto"):
+  """``rescale``'s solve under ``config`` (unjitted; bounds as the last two arguments)."""
+  return lambda x, d, e, lo=0.0, hi=1.0: _eta.solve_eta(
+    x, d, e, p=p, lower=lo, upper=hi, method=method, config=config
+  )[0]
+
+
+def box_of(x, d, lo=0.0, hi=1.0):
+  return _eta.prepare_box(x, d, lower=lo, upper=hi)[0]
 
 
 def random_case(rng, n, *, heavy=False, array_bounds=False, dtype=np.float64):
@@ -149,8 +171,9 @@ def test_float32_long_rows_keep_precision(method):
 
 
 def test_float32_rows_long_enough_to_sample():
-  """Rows past ``_SAMPLE_MIN_ROW`` (Newton started from a sample), batched, float32."""
-  n = _solvers.SAMPLE_MIN_ROW
+  """Rows of the default ``sample_min_row`` (Newton started from a sample), batched, float32."""
+  config, seen = configured()
+  n = config.sample_min_row
   rng = np.random.default_rng(13)
   x = rng.uniform(0, 1, (3, n)).astype(np.float32)
   x[2, rng.uniform(size=n) < 0.8] = 0.0  # mostly on the lower bound, like a dark image
@@ -160,9 +183,10 @@ def test_float32_rows_long_enough_to_sample():
     eps = np.array(
       [f * oracle.max_norm(a, b, p) for f, a, b in zip((0.5, 0.3, 0.9), x, d)], np.float32
     )
-    eta = jax.jit(jax.vmap(functools.partial(clipjax.rescale, p=p)))(x, d, eps)
+    eta = jax.jit(jax.vmap(rescale_with(config, p=p)))(x, d, eps)
     want = [oracle.rescale_sorted(a, b, e, p) for a, b, e in zip(x, d, eps)]
     np.testing.assert_allclose(eta, want, rtol=1e-6, err_msg=str(p))
+  assert {"sampled start", "one row at a time"} <= seen, seen
 
 
 @pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
@@ -242,34 +266,41 @@ def test_half_precision_computed_in_float32(dtype):
   xh, dh = jnp.asarray(x, dtype), jnp.asarray(d, dtype)
   eta = clipjax.rescale(xh, dh, 2.0)
   assert eta.dtype == dtype
-  want = oracle.rescale(np.asarray(xh, np.float64), np.asarray(dh, np.float64), 2.0, 2)
-  np.testing.assert_allclose(float(eta), want, rtol=1e-2)
-  y = clipjax.perturb(xh, dh, 2.0)
-  assert y.dtype == dtype and y.shape == xh.shape
-  # The solve is in float32: only the final rounding to half precision is lost.
+  # The solve is in float32: the result is the float32 answer, rounded once.
   f32 = clipjax.rescale(xh.astype(jnp.float32), dh.astype(jnp.float32), 2.0)
-  np.testing.assert_allclose(float(eta), float(f32), rtol=1e-2)
+  assert eta == f32.astype(dtype), (eta, f32)
+  # So it lies within half a unit in the last place of the exact answer (plus float32's
+  # own error): half of the format's epsilon, relative.
+  want = oracle.rescale(np.asarray(xh, np.float64), np.asarray(dh, np.float64), 2.0, 2)
+  np.testing.assert_allclose(float(eta), want, rtol=float(jnp.finfo(dtype).eps) / 2 + 1e-6)
+  y = clipjax.perturb(xh, dh, 2.0)
+  chex.assert_trees_all_equal_shapes_and_dtypes(y, xh)
 
 
-def test_auto_picks_the_measured_method(monkeypatch):
-  """auto: the sort on one GPU for rows up to _GPU_SORT_MAX_ROW, else newton."""
-  limit = _solvers.GPU_SORT_MAX_ROW
-  box = lambda *shapes: rescale_module._prepare(
-    [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes], 0.0, 1.0
-  )[0]
+def test_auto_picks_the_measured_method():
+  """auto: the sort on one GPU for rows up to ``sort_max_row`` (by default), else newton."""
+  limit = _rescale_config.default("gpu").sort_max_row
+  assert limit == 1 << 14 and _rescale_config.default("cpu").sort_max_row == 0
+  gpu = _rescale_config.default("gpu")
+  box = lambda *shapes: box_of([np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes])
   resolve = _solvers.resolve_method
-  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert resolve("auto", box((limit,))) == "newton"
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert resolve("auto", box((limit // 2,), (limit // 2,))) == "sort"  # the whole pytree counts
-  assert resolve("auto", box((limit // 2,), (limit // 2 + 1,))) == "newton"
-  assert resolve("bisect", box((8,))) == "bisect"
-  monkeypatch.setattr(jax, "device_count", lambda: 2)
-  assert resolve("auto", box((8,))) == "newton"
+  assert resolve("auto", box((limit,)), _rescale_config.default("cpu")) == "newton"
+  assert resolve("auto", box((limit // 2,), (limit // 2,)), gpu) == "sort"  # the whole pytree
+  assert resolve("auto", box((limit // 2,), (limit // 2 + 1,)), gpu) == "newton"
+  assert resolve("bisect", box((8,)), gpu) == "bisect"
+  sharded = dataclasses.replace(gpu, sharded=True)
+  assert resolve("auto", box((8,)), sharded) == "newton"
+  # The choice is the path that runs.
+  x, d = np.full(10, 0.5), np.linspace(-1, 1, 10)
+  for sort_max_row, method in [(10, "sort"), (9, "newton")]:
+    config, seen = configured(sort_max_row=sort_max_row)
+    eta = float(rescale_with(config)(x, d, 0.3))
+    np.testing.assert_allclose(eta, oracle.rescale(x, d, 0.3, 2), rtol=1e-12)
+    assert method in seen and len(seen & set(_solvers.SOLVERS)) == 1, seen
 
 
-def test_newton_fallback_is_exact(monkeypatch):
-  """Force the bounded fallback (bisection over bit patterns) after one or two passes."""
+def test_newton_fallback_is_exact():
+  """The bounded fallback (bisection over bit patterns), forced after one or two passes."""
   rng = np.random.default_rng(3)
   # Geometric breakpoints: every Newton step saturates only a few more coordinates.
   n = 200
@@ -277,10 +308,12 @@ def test_newton_fallback_is_exact(monkeypatch):
   d = 0.5 / np.geomspace(1e-3, 1.0, n) * rng.choice([-1, 1], n)
   eps = 0.5 * oracle.max_norm(x, d, 2)
   want = oracle.rescale(x, d, eps, 2)
-  for passes in [1, 2, 5]:
-    monkeypatch.setattr(_solvers, "MAX_NEWTON_PASSES", passes)
-    got = float(jax.jit(functools.partial(clipjax.rescale, method="newton"))(x, d, eps))
+  for passes in [1, 2, 40]:
+    config, seen = configured(max_newton_passes=passes)
+    got = float(jax.jit(rescale_with(config, method="newton"))(x, d, eps))
     np.testing.assert_allclose(got, want, rtol=1e-12)
+    # Newton alone converges here in fewer than 40 passes.
+    assert ("newton fallback" in seen) == (passes < 40), passes
 
 
 # ---------------------------------------------------------------------------
@@ -361,24 +394,23 @@ def test_vmap_mixed_batching_and_nesting():
 
 
 @pytest.mark.parametrize(
-  "strategy, patches",
+  "strategy, changes",
   [
-    ("one row at a time", {"ROW_ELEMENTS": 1}),
-    ("groups of two rows and a rest", {"ROW_ELEMENTS": 10**9, "GROUP_ELEMENTS": 160}),
-    ("lockstep", {"row_by_row": lambda tree: False}),
+    ("one row at a time", {"row_elements": 1}),
+    ("row groups", {"row_elements": 10**9, "group_elements": 160}),  # of two, and a rest
+    ("lockstep", {"row_by_row": False}),
   ],
 )
-def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
+def test_batching_strategies_match_oracle(strategy, changes):
   """Every batching strategy of the custom_vmap rule gives the unbatched numbers."""
   rng = np.random.default_rng(8)
   cases = [random_case(rng, 80, heavy=bool(i % 2), array_bounds=True) for i in range(5)]
   x, d, lo, hi = (np.stack(v) for v in zip(*cases))
   unit_x = np.clip(x, 0, 1)
   eps = np.linspace(0.1, 3.0, 5)
-  for name, value in patches.items():
-    monkeypatch.setattr(_batching, name, value)
+  config, seen = configured(**changes)
   for p in [1.0, 3.0, math.inf]:
-    f = lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi)
+    f = rescale_with(config, p=p)
     batched = jax.jit(jax.vmap(f))(x, d, eps, lo, hi)
     shared_bounds = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None, None)))(unit_x, d, eps, 0.0, 1.0)
     loop = [float(f(*args)) for args in zip(x, d, eps, lo, hi)]  # no vmap: no batching rule
@@ -389,26 +421,26 @@ def test_batching_strategies_match_oracle(monkeypatch, strategy, patches):
     np.testing.assert_allclose(
       shared_bounds, [oracle.rescale(a, b, e, p) for a, b, e in zip(unit_x, d, eps)], rtol=1e-10
     )
+  batchings = {"one row at a time", "row groups", "lockstep"}
+  assert seen & batchings == {strategy}, seen
 
 
 @pytest.mark.parametrize("method", ["newton", "sort", "bisect"])
-def test_chunked_reductions_match_oracle(monkeypatch, method):
+def test_chunked_reductions_match_oracle(method):
   """Row reductions in chunks of eight (forced onto short rows) stay exact.
 
   Leaves shorter than a chunk, of exactly one, with a remainder, and 2-D;
   unbatched and under vmap, with gradients for p = inf (whose solve is the
   differentiated closed form).
   """
-  monkeypatch.setattr(_reductions, "CHUNKED_MIN_ELEMENTS", 0)
+  config, seen = configured(chunked_min_elements=0)
   rng = np.random.default_rng(21)
   shapes = [(3,), (8,), (83,), (5, 13)]
   flat = lambda v: np.concatenate([np.ravel(a) for a in v])
   for p in [1.0, 2.5, math.inf]:
-    f = jax.jit(
-      lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi, method=method)
-    )
+    f = jax.jit(rescale_with(config, p=p, method=method))
     jaxpr = str(jax.make_jaxpr(f)(*[[np.ones(s) for s in shapes]] * 2, 1.0, 0.0, 2.0))
-    assert " reduce[" in jaxpr  # the variadic first stage is there
+    assert " reduce[" in jaxpr and "chunked reduction" in seen  # the variadic first stage
     rows = []
     for i, fraction in enumerate([0.05, 0.5, 0.95, 1.2]):
       leaves = [
@@ -429,26 +461,27 @@ def test_chunked_reductions_match_oracle(monkeypatch, method):
       np.testing.assert_allclose(g, numeric, rtol=1e-5)
 
 
-def test_sampled_warm_start_matches_oracle(monkeypatch):
+def test_sampled_warm_start_matches_oracle():
   """Long rows start Newton from a strided sample's solution; the answers stay exact.
 
   Forced onto short rows (every 7th coordinate) of a pytree with leaves shorter
   than, equal to and longer than the stride, array bounds, heavy tails, eps = 0
   and eps past the maximum, unbatched and under vmap (with per-row bounds).
   """
-  monkeypatch.setattr(_solvers, "SAMPLE_MIN_ROW", 100)  # the row, not its sample
-  monkeypatch.setattr(_solvers, "SAMPLE_STRIDE", 7)
+  config, seen = configured(sample_min_row=100, sample_stride=7)  # the row, not its sample
   rng = np.random.default_rng(12)
   sizes, fractions = (3, 7, 230), (0.0, 0.02, 0.4, 0.9, 0.999, 1.3)
   flat = lambda v: np.concatenate([np.ravel(a) for a in v])
   moved = 0
   for p in [1.0, 2.5]:
-    f = jax.jit(lambda x, d, e, lo, hi: clipjax.rescale(x, d, e, p=p, lower=lo, upper=hi))
+    f = jax.jit(rescale_with(config, p=p))
 
     @jax.jit
     def starts(box, eps):
-      probe = _solvers.sample_probe(box, eps, p, 0)
-      return tuple(_breakpoints.first_pass(box, eps, p, 0, probe).start for probe in (None, probe))
+      probe = _solvers.sample_probe(box, eps, p, 0, config)
+      return tuple(
+        _breakpoints.first_pass(box, eps, p, 0, config, probe).start for probe in (None, probe)
+      )
 
     cases = []
     for i, fraction in enumerate(fractions):
@@ -459,7 +492,7 @@ def test_sampled_warm_start_matches_oracle(monkeypatch):
       np.testing.assert_allclose(float(f(x, d, eps, lo, hi)), want, rtol=1e-10, atol=1e-300)
       cases.append((x, d, eps, lo, hi, want))
       # The start is at or left of the solution, and mostly past the plain first step.
-      box = rescale_module._prepare(x, d, lo, hi)[0]
+      box = box_of(x, d, lo, hi)
       if 0 < fraction < 1:
         plain, start = (float(v) for v in starts(box, eps))
         assert plain <= start <= want * (1 + 1e-12)
@@ -468,6 +501,7 @@ def test_sampled_warm_start_matches_oracle(monkeypatch):
     batched = jax.jit(jax.vmap(f))(*stacked)
     np.testing.assert_allclose(batched, [c[5] for c in cases], rtol=1e-10, atol=1e-300)
   assert moved >= 4, moved  # of 8 rows inside (0, max): the sample does move the start
+  assert "sampled start" in seen
 
 
 def test_traced_eps_under_jit():
@@ -617,3 +651,39 @@ def test_bad_input_under_jit_is_nan(x, delta, eps, lower, p):
   g = jax.jit(lambda x, d, lo: clipjax.max_norm(x, d, p=p, lower=lo))
   if not np.isnan(eps) and eps >= 0:
     assert np.isnan(float(g(np.array(x), np.array(delta), lower)))
+
+
+class VariantsTest(chex.TestCase):
+  """``rescale``, ``perturb`` and ``max_norm`` on a pytree, with and without ``jit``."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_oracle(self):
+    rng = np.random.default_rng(31)
+    x = {"a": rng.uniform(0, 1, (3, 4)), "b": [rng.uniform(0, 1, 5)]}
+    d = jax.tree.map(lambda v: rng.standard_normal(v.shape), x)
+    flat_x, flat_d = oracle.flat(jax.tree.leaves(x)), oracle.flat(jax.tree.leaves(d))
+    for p in (1.0, 2.0, math.inf):
+      eps = 0.6 * oracle.max_norm(flat_x, flat_d, p)
+      want = oracle.rescale(flat_x, flat_d, eps, p)
+      eta = self.variant(functools.partial(clipjax.rescale, p=p))(x, d, eps)
+      chex.assert_trees_all_close(eta, want, rtol=1e-10)
+      y = self.variant(functools.partial(clipjax.perturb, p=p))(x, d, eps)
+      chex.assert_trees_all_equal_shapes_and_dtypes(y, x)
+      moved = jax.tree.map(lambda a, b: np.clip(a + want * b, 0, 1), x, d)
+      chex.assert_trees_all_close(y, moved, rtol=1e-10)
+      reach = self.variant(functools.partial(clipjax.max_norm, p=p))(x, d)
+      chex.assert_trees_all_close(reach, oracle.max_norm(flat_x, flat_d, p), rtol=1e-12)
+
+
+def test_configuration_follows_the_inputs():
+  """Single-device inputs keep the backend's default; a sharded one would mark it."""
+  config = _rescale_config.default()
+  assert hash(config) == hash(_rescale_config.default())  # a static argument
+  leaves = [np.ones(3), jnp.ones(3)]
+  assert _rescale_config.for_inputs(leaves) == config
+  # Traced without mesh axes, sharding is decided later: the process's devices decide.
+  seen = []
+  jax.jit(lambda v: seen.append(_rescale_config.may_be_sharded([v])) or v)(jnp.ones(2))
+  assert seen == [jax.device_count() > 1]
+  marked = _rescale_config.for_inputs(leaves, dataclasses.replace(config, sharded=True))
+  assert marked.sharded and _solvers.resolve_method("auto", box_of(*leaves[:2]), marked) == "newton"

@@ -19,7 +19,7 @@ _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_che
 # Known failures, with the error they raise today: strict, so a fix turns them
 # into XPASS and fails the run until the entry is removed here.
 _KNOWN_FAILURES = {
-  # _eta_sort's reshape of a leaf to one row has no output sharding under an
+  # The sort solver's reshape of a leaf to one row has no output sharding under an
   # explicit mesh: "ShardingTypeError: This reshape is not supported".
   "rescale_sort_pytree[explicit]": "sort reshape needs out_sharding under Explicit axes",
   # Not ours: optax 0.2.8 contracts the sharded batch axis with a plain dot,

@@ -3,10 +3,12 @@
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import oracle
 import pytest
 
 import clipjax
@@ -261,16 +263,25 @@ def test_zero_norm_and_zero_updates_give_zeros_without_nan():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
-def test_clip_by_norm_p2_equals_optax(dtype, scale):
+def test_clip_by_norm_p2_matches_oracle_and_optax(dtype, scale):
+  """p = 2 in each dtype, against the float64 oracle; optax's clip agrees as closely."""
   rng = np.random.default_rng(5)
   grads = {
     "a": jnp.asarray(rng.normal(0, scale, (4, 3)), dtype),
     "b": [jnp.asarray(rng.normal(0, scale, 5), dtype)],
   }
+  # A few roundings of the dtype: the norm's sum of 17 squares, its root, one division.
+  rtol = 8 * float(np.finfo(dtype).eps)
+  norm = _tree_norm(grads, 2)
   for max_norm in [0.1, 1.0, jnp.asarray(2.5, dtype)]:
+    want = jax.tree.map(lambda g: np.asarray(g, np.float64) * min(1.0, max_norm / norm), grads)
     ours, _ = clipjax.clip_by_norm(max_norm).update(grads, optax.EmptyState())
     theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
-    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours, grads)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda v: np.asarray(v, np.float64), ours), want, rtol=rtol, atol=0
+    )
+    chex.assert_trees_all_close(ours, theirs, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("p", P_VALUES)
@@ -375,3 +386,31 @@ def test_clip_by_norm_over_the_whole_float_range(dtype, p):
       want = np.array([1.0, -0.5, 0.25, 0.0]) / unit
       tol = 8 * float(info.eps)
       np.testing.assert_allclose(out, want, rtol=tol, atol=4 * float(info.smallest_subnormal))
+
+
+# ---------------------------------------------------------------------------
+# With and without jit (chex variants)
+# ---------------------------------------------------------------------------
+
+
+class VariantsTest(chex.TestCase):
+  """Both transformations, with and without ``jit``, against the float64 oracle."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_oracle(self):
+    rng = np.random.default_rng(32)
+    params = _params(rng, 0.0, 1.0)
+    grads = _direction(rng, params)
+    x, g = _flat(params), _flat(grads)
+    for p in (1.0, 2.0, math.inf):
+      clip = clipjax.clip_by_norm(0.5, p=p)
+      clipped, _ = self.variant(clip.update)(grads, clip.init(params))
+      factor = min(1.0, 0.5 / _norm(g, p))
+      chex.assert_trees_all_equal_shapes_and_dtypes(clipped, grads)
+      chex.assert_trees_all_close(clipped, jax.tree.map(lambda v: factor * v, grads), rtol=1e-12)
+      tx = clipjax.clipping_aware_normalize(0.3, p=p, lower=0.0, upper=1.0)
+      updates, _ = self.variant(tx.update)(grads, tx.init(params), params)
+      eta = oracle.rescale(x, g, 0.3, p)
+      want = jax.tree.map(lambda a, b: np.clip(a + eta * b, 0, 1) - a, params, grads)
+      chex.assert_trees_all_equal_shapes_and_dtypes(updates, grads)
+      chex.assert_trees_all_close(updates, want, rtol=1e-10, atol=1e-14)
