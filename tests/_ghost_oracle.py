@@ -4,6 +4,8 @@ The reference takes every example's gradient with ``jax.vmap(jax.grad(loss_fn))`
 ghost machinery involved), then clips, scales, masks and sums in float64 NumPy.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import clipjax
 from clipjax import ghost
 
 
-@jax.jit(static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _per_example(loss_fn, params, *batch):
   return jax.vmap(jax.grad(loss_fn), in_axes=(None,) + (0,) * len(batch))(params, *batch)
 

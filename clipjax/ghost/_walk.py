@@ -290,8 +290,11 @@ def _inside(taps, path):
 
 
 def bind(eqn, ins):
+  bound = eqn.primitive.get_bind_params(eqn.params)
+  # JAX 0.7 returns (subfuns, params), later versions the params alone.
+  subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
   with eqn.ctx.manager:
-    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+    outs = eqn.primitive.bind(*subfuns, *ins, **params)
   return outs if eqn.primitive.multiple_results else [outs]
 
 
