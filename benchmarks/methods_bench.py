@@ -5,7 +5,7 @@ p = 2) this suite times ``jax.jit(jax.vmap(rescale))`` with ``method="newton"``
 and ``method="sort"``, interleaved, next to ``rescale_bench``'s streaming floor.
 ``sort`` rows add ``ratio_vs_newton``. On CPU the active set wins everywhere; on a
 GPU the sort wins on short rows, and ``auto`` switches at
-``RescaleConfig.sort_max_row`` (``clipjax/_rescale_config.py``).
+``RescaleConfig.sort_max_row`` (``clipjax/rescaling/_rescale_config.py``).
 
 Run ``python -m benchmarks --only methods [--quick]``, or call ``run(quick)``.
 """

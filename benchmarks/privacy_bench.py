@@ -9,7 +9,7 @@ compiled first, then interleaved (the order alternates every repeat) with
 ``block_until_ready``; medians are reported, and ``ratio`` is clipjax's median
 over optax's.
 
-``sampler_rows(quick)`` times clipjax's noise sampler (``clipjax._gaussian.normal``,
+``sampler_rows(quick)`` times clipjax's noise sampler (``clipjax.privacy._gaussian.normal``,
 Box–Muller with a 64-bit radius, reaching 9.49σ) against ``jax.random.normal`` on the
 largest noise vector here (the 784-1024-256-10 MLP's 1,068,810 parameters), both
 float32, jitted, interleaved in one process; ``ratio`` is the sampler's median over
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 import clipjax
-from clipjax import _gaussian
+from clipjax.privacy import _gaussian
 
 # name: (batch size, layer sizes of the MLP whose per-example gradients are fed)
 _FULL = {

@@ -53,7 +53,7 @@ from jax import lax
 
 import clipjax
 from benchmarks._timing import interleaved_medians
-from clipjax import _eta, _rescale_config
+from clipjax.rescaling import _eta, _rescale_config
 
 _KINDS = ("uniform", "sparse", "sign", "heavy")
 # (batch, n, data kinds) points of the grid.

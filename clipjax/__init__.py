@@ -1,34 +1,24 @@
 """clipjax: exact clipping-aware rescaling and gradient clipping for JAX and optax."""
 
-from clipjax.accounting import calibrate_noise, dp_epsilon, privacy_statement
-from clipjax.accumulation import AccumulateState, accumulate, microbatch
-from clipjax.adaptive import (
+import sys as _sys
+
+from clipjax.privacy import ghost
+from clipjax.privacy.accounting import calibrate_noise, dp_epsilon, privacy_statement
+from clipjax.privacy.accumulation import AccumulateState, accumulate, microbatch
+from clipjax.privacy.adaptive import (
   AdaptiveDPAggregateState,
   AdaptiveDPNoiseState,
   adaptive_dp_aggregate,
   adaptive_dp_noise,
 )
-from clipjax.audit import audit_epsilon
-from clipjax.checkpoint import (
+from clipjax.privacy.audit import audit_epsilon
+from clipjax.privacy.checkpoint import (
   PrivacyConfig,
   PrivateTrainingState,
   restore_checkpoint,
   save_checkpoint,
 )
-from clipjax.correlated import (
-  CorrelatedNoiseState,
-  MFStrategy,
-  banded_strategy,
-  blt_strategy,
-  calibrate_correlated_noise,
-  correlated_epsilon,
-  correlated_noise,
-)
-from clipjax.distributed import ShardedPoissonSampler, assert_same_across_processes
-from clipjax.ghost import clipped_grad
-from clipjax.perturbation import perturb, random_perturbation
-from clipjax.pgd import pgd
-from clipjax.privacy import (
+from clipjax.privacy.clipping import (
   ClippingStats,
   DPAggregateState,
   DPNoiseState,
@@ -38,9 +28,18 @@ from clipjax.privacy import (
   per_example_clip,
   sensitivity,
 )
-from clipjax.projection import project_ball_box
-from clipjax.rescale import max_norm, rescale
-from clipjax.sampling import (
+from clipjax.privacy.correlated import (
+  CorrelatedNoiseState,
+  MFStrategy,
+  banded_strategy,
+  blt_strategy,
+  calibrate_correlated_noise,
+  correlated_epsilon,
+  correlated_noise,
+)
+from clipjax.privacy.distributed import ShardedPoissonSampler, assert_same_across_processes
+from clipjax.privacy.ghost import clipped_grad
+from clipjax.privacy.sampling import (
   CyclicPoissonSampler,
   PoissonSampler,
   UserSampler,
@@ -48,9 +47,17 @@ from clipjax.sampling import (
   poisson_overflow_probability,
   poisson_sample,
 )
-from clipjax.transforms import clip_by_norm, clipping_aware_normalize
+from clipjax.rescaling.perturbation import perturb, random_perturbation
+from clipjax.rescaling.pgd import pgd
+from clipjax.rescaling.projection import project_ball_box
+from clipjax.rescaling.rescale import max_norm, rescale
+from clipjax.rescaling.transforms import clip_by_norm, clipping_aware_normalize
 
 __version__ = "0.1.0"
+
+# ``clipjax.ghost`` (register_rule, plan, Rule) is documented and imported under that
+# name; it is the privacy product's ghost package itself, not a copy.
+_sys.modules[__name__ + ".ghost"] = ghost
 
 __all__ = [
   "AccumulateState",

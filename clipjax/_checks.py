@@ -120,8 +120,11 @@ def check_positive(name: str, value: Any, *, finite: bool = False) -> None:
     raise ValueError(f"{name} must be finite, got {value!r}.")
 
 
-def check_clip_norm(clip_norm: Any, name: str = "clip_norm", *, positive: bool = False) -> None:
-  """A scalar ``>= 0`` (``> 0`` with ``positive``), or a pytree of them (group-wise clipping)."""
+def check_clip_norm(
+  clip_norm: Any, name: str = "clip_norm", *, positive: bool = False, finite: bool = False
+) -> None:
+  """A scalar ``>= 0`` (``> 0`` with ``positive``, finite with ``finite``), or a pytree of
+  them (group-wise clipping). Traced leaves are not inspected."""
   leaves = jax.tree.leaves(clip_norm)
   if not leaves:
     raise ValueError(
@@ -130,7 +133,7 @@ def check_clip_norm(clip_norm: Any, name: str = "clip_norm", *, positive: bool =
     )
   check = check_positive if positive else check_nonnegative
   for leaf in leaves:
-    check(name, leaf)
+    check(name, leaf, finite=finite)
 
 
 def check_interval(
@@ -322,3 +325,14 @@ def check_differentiable(tree: Any, name: str = "params") -> None:
       f"{name}{jax.tree_util.keystr(path)} is {kind}, which cannot be differentiated. "
       + _PARAMS_FIX
     )
+
+
+SCALINGS = ("clip", "automatic", "normalize")
+
+
+def check_scaling(scaling: str, stability: Any) -> str:
+  """The scaling rule's name; ``stability`` must be > 0 and finite for ``"automatic"``."""
+  check_choice("scaling", scaling, SCALINGS)
+  if scaling == "automatic":
+    check_positive("stability", stability, finite=True)
+  return scaling

@@ -43,9 +43,9 @@ import numpy as np
 from jax import lax
 
 from clipjax import _checks
-from clipjax._reductions import power, root
+from clipjax._powers import power, root
 
-SCALINGS = ("clip", "automatic", "normalize")
+SCALINGS = _checks.SCALINGS
 
 
 class Norms(NamedTuple):
@@ -324,14 +324,6 @@ def combine(parts: list[Norms], p: float) -> Norms:
 # ---------------------------------------------------------------------------
 # Clip weights and weighted sums
 # ---------------------------------------------------------------------------
-
-
-def check_scaling(scaling: str, stability: Any) -> str:
-  """The scaling rule's name; ``stability`` must be > 0 and finite for ``"automatic"``."""
-  _checks.check_choice("scaling", scaling, SCALINGS)
-  if scaling == "automatic":
-    _checks.check_positive("stability", stability, finite=True)
-  return scaling
 
 
 def clip_weights(

@@ -12,7 +12,7 @@ import numpy as np
 import privacy_oracle
 
 import clipjax
-from clipjax import ghost
+from clipjax.privacy import ghost
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,4 +1,4 @@
-"""Tests for clipjax.accounting against calling dp_accounting directly, for every scheme."""
+"""Tests for clipjax.privacy.accounting against calling dp_accounting directly, for every scheme."""
 
 import logging
 import math
@@ -9,7 +9,8 @@ import privacy_oracle
 import pytest
 from dp_accounting import pld, rdp
 
-from clipjax import accounting, calibrate_noise, dp_epsilon, poisson_overflow_probability
+from clipjax import calibrate_noise, dp_epsilon, poisson_overflow_probability
+from clipjax.privacy import accounting
 
 DELTA = 1e-5
 NEIGHBOURS = dp_accounting.NeighboringRelation

@@ -1,4 +1,4 @@
-"""Tests for clipjax.accumulation: logical batches equal one big batch, exactly.
+"""Tests for clipjax.privacy.accumulation: logical batches equal one big batch, exactly.
 
 The clipped-sum function here is the per-example reference (``vmap(grad)``, clip,
 sum) with a mask, the contract of ``clipjax.clipped_grad``. Exactness is checked bit

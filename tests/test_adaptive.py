@@ -1,4 +1,4 @@
-"""Tests for clipjax.adaptive: the clip-norm rule, its privacy split, masks and groups.
+"""Tests for clipjax.privacy.adaptive: the clip-norm rule, its privacy split, masks and groups.
 
 Trajectories are checked against the rule computed by hand in float64; the noise scales
 themselves are measured in tests/test_noise_scale.py.
@@ -19,7 +19,7 @@ from clipjax import (
   adaptive_dp_noise,
   per_example_clip,
 )
-from clipjax.adaptive import _sum_multiplier
+from clipjax.privacy.adaptive import _sum_multiplier
 
 
 def _norm_tree(norms, dim=6, seed=0):

@@ -1,4 +1,4 @@
-"""Tests for clipjax.audit: exact Clopper-Pearson bounds, coverage, and audits that can fail."""
+"""Tests for clipjax.privacy.audit: exact Clopper-Pearson bounds, coverage, and audits that can fail."""
 
 import math
 from fractions import Fraction
@@ -9,7 +9,8 @@ import numpy as np
 import privacy_oracle
 import pytest
 
-from clipjax import audit, audit_epsilon, dp_aggregate, dp_epsilon
+from clipjax import audit_epsilon, dp_aggregate, dp_epsilon
+from clipjax.privacy import audit
 
 DELTA = 1e-5
 CONFIDENCE = 0.95

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import clipjax
-from clipjax.distributed import _fingerprint
+from clipjax.privacy.distributed import _fingerprint
 
 SAMPLER = clipjax.ShardedPoissonSampler(4, 50, sample_rate=0.2, shard_batch_size=16)
 

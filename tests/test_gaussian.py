@@ -1,4 +1,4 @@
-"""The privacy noise sampler (``clipjax._gaussian``) against the exact Gaussian.
+"""The privacy noise sampler (``clipjax.privacy._gaussian``) against the exact Gaussian.
 
 Oracles are float64 ``math`` functions (``log``, ``log1p``, ``cos``, ``sin``, ``erfc``),
 not the sampler's code: its radius and angle are checked word by word on crafted bit
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clipjax import _gaussian
+from clipjax.privacy import _gaussian
 
 KS_DRAWS = 10**7
 

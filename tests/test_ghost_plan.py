@@ -1,4 +1,4 @@
-"""``clipjax.ghost.plan``, the fallback warning and the public rule API.
+"""``clipjax.privacy.ghost.plan``, the fallback warning and the public rule API.
 
 ``plan`` and the warning trace shapes only (nothing compiles); the user-registered rule
 is checked against the float64 per-example oracle.
@@ -15,7 +15,7 @@ from _ghost_oracle import check
 from jax import lax
 
 import clipjax
-from clipjax import ghost
+from clipjax.privacy import ghost
 
 
 def _normal(seed, shape, dtype=jnp.float64, scale=0.5):

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 import clipjax
 
-_breakpoints = importlib.import_module("clipjax._breakpoints")
-_eta = importlib.import_module("clipjax._eta")
-_rescale_config = importlib.import_module("clipjax._rescale_config")
-_solvers = importlib.import_module("clipjax._solvers")
+_breakpoints = importlib.import_module("clipjax.rescaling._breakpoints")
+_eta = importlib.import_module("clipjax.rescaling._eta")
+_rescale_config = importlib.import_module("clipjax.rescaling._rescale_config")
+_solvers = importlib.import_module("clipjax.rescaling._solvers")
 
 P_VALUES = [1.0, 1.5, 2.0, 3.0, 7.0, math.inf]
 METHODS = ["newton", "sort", "bisect", "auto"]

@@ -1,4 +1,4 @@
-"""Tests for clipjax.sampling: exact inclusion rates, uniform truncation, static shapes."""
+"""Tests for clipjax.privacy.sampling: exact inclusion rates, uniform truncation, static shapes."""
 
 import itertools
 import math
@@ -15,8 +15,8 @@ from clipjax import (
   WithoutReplacementSampler,
   poisson_overflow_probability,
   poisson_sample,
-  sampling,
 )
+from clipjax.privacy import sampling
 
 
 def _draws(fn, count, seed=0):

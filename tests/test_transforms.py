@@ -1,4 +1,4 @@
-"""Tests for clipjax.transforms against a float64 NumPy oracle."""
+"""Tests for clipjax.rescaling.transforms against a float64 NumPy oracle."""
 
 import functools
 import math

@@ -15,7 +15,7 @@ import optax
 
 from clipjax import _checks, _norms
 from clipjax._typing import PyTree
-from clipjax.rescale import rescale
+from clipjax.rescaling.rescale import rescale
 
 _NO_PARAMS_MSG = (
   "clipping_aware_normalize needs the current parameters: call "

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from clipjax._breakpoints import Box, eta_inf
-from clipjax._solvers import eta_finite
+from clipjax.rescaling._breakpoints import Box, eta_inf
+from clipjax.rescaling._solvers import eta_finite
 
 
 @functools.cache

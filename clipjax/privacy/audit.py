@@ -37,7 +37,8 @@ import math
 import jax
 import numpy as np
 
-from clipjax import _binomial, _checks
+from clipjax import _checks
+from clipjax.privacy import _binomial
 
 _BISECTION_STEPS = 64
 

@@ -84,7 +84,7 @@ import numpy as np
 import optax
 
 from clipjax import _checks
-from clipjax.accounting import UNITS
+from clipjax.privacy.accounting import UNITS
 
 _INSTALL_HINT = (
   'clipjax.correlated needs the jax-privacy package: pip install "clipjax[correlated]"'

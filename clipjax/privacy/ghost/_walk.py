@@ -9,7 +9,7 @@ closed over by the body is *shared* by the iterations, and a leaf scanned over
 (stacked layers) is *sliced*, one slice per iteration. Every other way of using a
 leaf (an equation no rule takes, a ``cond`` or ``while`` body, a ``custom_jvp`` /
 ``custom_vjp`` call, whose gradient its own rule defines) puts that leaf *in the
-pass*, with the reason (``clipjax.ghost.plan`` reports it): its per-example gradient
+pass*, with the reason (``clipjax.privacy.ghost.plan`` reports it): its per-example gradient
 is taken by the batched backward pass itself, which costs what ``vmap(grad)`` costs
 for that leaf and no more.
 
@@ -29,7 +29,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as prims
 
-from clipjax.ghost import _layout, _rules
+from clipjax.privacy.ghost import _layout, _rules
 
 # Provenance of a value (a `View` is the fourth kind).
 CONST = "const"  # depends on neither parameters nor the example
@@ -193,7 +193,7 @@ def _why(eqn, kinds, rule) -> str:
     return f"{BY_DESIGN} `{name}` with data (a small per-example gradient, by design)"
   if rule is not None:
     return f"`{name}` use not recognised by its rule ({type(rule).__name__})"
-  return f"used by `{name}`, which has no rule (see clipjax.ghost.register_rule)"
+  return f"used by `{name}`, which has no rule (see clipjax.privacy.ghost.register_rule)"
 
 
 def _analyse(jaxpr, provenances, path, lengths, found) -> list:

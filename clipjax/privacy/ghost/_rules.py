@@ -106,7 +106,7 @@ def register_rule(primitive, rule) -> None:
     _RULES.pop(primitive, None)
     return
   if not isinstance(rule, Rule):
-    raise TypeError(f"rule must be an instance of clipjax.ghost.Rule, got {rule!r}.")
+    raise TypeError(f"rule must be an instance of clipjax.privacy.ghost.Rule, got {rule!r}.")
   _RULES[primitive] = rule
 
 

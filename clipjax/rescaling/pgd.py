@@ -43,9 +43,9 @@ import numpy as np
 
 from clipjax import _checks
 from clipjax._typing import PyTree
-from clipjax.perturbation import random_perturbation
-from clipjax.projection import project_ball_box
-from clipjax.rescale import rescale
+from clipjax.rescaling.perturbation import random_perturbation
+from clipjax.rescaling.projection import project_ball_box
+from clipjax.rescaling.rescale import rescale
 
 
 def _check_args(loss_fn, x, eps, p, steps, step_size, lower, upper, key, random_start):

@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 
 from clipjax import _norms
-from clipjax.ghost import _layout, _walk
+from clipjax.privacy.ghost import _layout, _walk
 
 _HIGHEST = lax.Precision.HIGHEST
 

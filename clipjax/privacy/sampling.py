@@ -57,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax import _binomial, _checks
+from clipjax import _checks
+from clipjax.privacy import _binomial
 
 _BITS = 32
 

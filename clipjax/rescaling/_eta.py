@@ -1,7 +1,7 @@
 """The scale ``eta`` of a box problem, shared by ``rescale``, ``perturb`` and ``project``.
 
 :func:`prepare_box` flattens and checks ``x``, ``delta`` and the bounds into a
-:class:`~clipjax._breakpoints.Box`; :func:`solve_eta` checks the remaining arguments and
+:class:`~clipjax.rescaling._breakpoints.Box`; :func:`solve_eta` checks the remaining arguments and
 runs the jitted solve, whose gradient is that of the closed form of the final piece.
 """
 
@@ -14,10 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clipjax import _checks, _norms, _rescale_config
-from clipjax._batching import batched_solver
-from clipjax._breakpoints import Box, closed_form, eta_inf
-from clipjax._solvers import SOLVERS, resolve_method
+from clipjax import _checks, _norms
+from clipjax.rescaling import _rescale_config
+from clipjax.rescaling._batching import batched_solver
+from clipjax.rescaling._breakpoints import Box, closed_form, eta_inf
+from clipjax.rescaling._solvers import SOLVERS, resolve_method
 
 METHODS = ("auto", *SOLVERS)
 
@@ -79,7 +80,7 @@ _solve = jax.jit(_eta, static_argnums=(2, 3, 4))
 def solve_eta(x, delta, eps, *, p, lower, upper, method, config=None):
   """Checks the arguments and solves. Returns (eta in the compute dtype, box, treedef, dtype).
 
-  ``config`` is a :class:`~clipjax._rescale_config.RescaleConfig` (the backend's
+  ``config`` is a :class:`~clipjax.rescaling._rescale_config.RescaleConfig` (the backend's
   default if None); it is marked sharded where the inputs may be.
   """
   p = _checks.canonical_p(p)

@@ -67,7 +67,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _checks, _gaussian, _norms
+from clipjax import _checks, _norms
+from clipjax.privacy import _aggregate
 
 
 class DPAggregateState(NamedTuple):
@@ -118,129 +119,6 @@ class ClippingStats(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-class _Clipping(NamedTuple):
-  """Per-example clipping of a tree, group by group (one group for a scalar clip norm).
-
-  ``prefix.unflatten(per_group)`` rebuilds a per-group list into the clip norm's
-  structure (subtrees into the gradients' structure).
-  """
-
-  prefix: Any
-  subtrees: list
-  weights: list
-  norms: list  # reported: 0 where masked out, inf for non-finite examples
-
-
-def _check_clipping(p, clip_norm, scaling, stability) -> float:
-  _checks.check_clip_norm(clip_norm)
-  _norms.check_scaling(scaling, stability)
-  return _checks.canonical_p(p)
-
-
-def _clip(grads, clip_norm, p, scaling, stability, mask) -> _Clipping:
-  prefix, clip_norms, subtrees = _norms.groups(clip_norm, grads)
-  parts = [_norms.norms(t, p, mask=mask) for t in subtrees]
-  finite = parts[0].finite
-  for n in parts[1:]:
-    finite = finite & n.finite
-  # A NaN in one group makes the whole example suspect: it is dropped from every group.
-  keep = finite if mask is None else finite & mask
-  weights = [
-    _norms.clip_weights(n, c, scaling=scaling, stability=stability, mask=keep)
-    for n, c in zip(parts, clip_norms)
-  ]
-  norms = [_norms.reported(n, mask) for n in parts]
-  if len(parts) > 1:
-    bad = ~finite if mask is None else mask & ~finite
-    norms = [jnp.where(bad, jnp.inf, n) for n in norms]
-  return _Clipping(prefix, subtrees, weights, norms)
-
-
-def _perturb(grads, pre_clip_noise, key):
-  """``g_i + k·ζ_i`` with ``ζ_i ~ N(0, I)``; skipped for a Python zero ``k``."""
-  if _checks.is_static_zero(pre_clip_noise):
-    return grads
-  noise = optax.tree.random_like(key, grads)
-  return jax.tree.map(lambda g, z: (g + pre_clip_noise * z).astype(g.dtype), grads, noise)
-
-
-def _clipped_sum(grads, clip_norm, p, scaling, stability, mask, pre_clip_noise, key):
-  """Returns ``(Σ_i clip(g_i + k·ζ_i), the _Clipping of the g_i + k·ζ_i)``."""
-  c = _clip(_perturb(grads, pre_clip_noise, key), clip_norm, p, scaling, stability, mask)
-  summed = [_norms.weighted_sum(t, w) for t, w in zip(c.subtrees, c.weights)]
-  return c.prefix.unflatten(summed), c
-
-
-def _like(noisy, per_example):
-  """The noisy mean (sum in at least float32) cast to the per-example gradients' dtypes:
-  post-processing, after the noise."""
-  return jax.tree.map(lambda n, g: n.astype(g.dtype), noisy, per_example)
-
-
-def _sensitivity(clip_norm) -> jax.Array:
-  leaves = [jnp.asarray(c) for c in jax.tree.leaves(clip_norm)]
-  if len(leaves) == 1:
-    return leaves[0].astype(_norms.accumulation_dtype(leaves))
-  return _norms.global_norm(leaves, 2.0)
-
-
-def _noisy_mean(summed, stddev, divisor, key):
-  """``(summed + N(0, stddev²·I)) / divisor`` leaf by leaf, through ``_gaussian.noisy``.
-
-  The noise is drawn and added in float32 (float64 for float64 leaves) and each leaf is
-  cast to its dtype only at the end; a Python zero ``stddev`` draws nothing.
-  """
-  leaves, treedef = jax.tree.flatten(summed)
-  keys = [None] * len(leaves)
-  if not _checks.is_static_zero(stddev) and leaves:
-    keys = list(jax.random.split(key, len(leaves)))
-  out = [_gaussian.noisy(s, stddev, k, divisor) for s, k in zip(leaves, keys)]
-  return treedef.unflatten(out)
-
-
-def _check_noise(clip_norm, noise_multiplier, name: str = "clip_norm") -> None:
-  """Refuses what would release the sum with no noise, or with infinite noise.
-
-  ``noise_multiplier`` must be finite and ``>= 0``; every clip norm finite and ``>= 0``,
-  and not all zero when ``noise_multiplier > 0`` (a zero sensitivity draws no noise).
-  Traced values are checked by ``_valid_stddev`` instead.
-  """
-  _checks.check_nonnegative("noise_multiplier", noise_multiplier, finite=True)
-  leaves = jax.tree.leaves(clip_norm)
-  for leaf in leaves:
-    _checks.check_nonnegative(name, leaf, finite=True)
-  if not _checks.is_concrete((leaves, noise_multiplier)):
-    return
-  if float(noise_multiplier) > 0 and all(float(c) == 0 for c in leaves):
-    raise ValueError(
-      f"{name} must be > 0 when noise_multiplier > 0 (a zero clip norm scales the noise to "
-      f"zero and releases the input as it is); got {clip_norm!r}."
-    )
-
-
-def _valid_stddev(stddev, noise_multiplier, clip_norm, sensitivity):
-  """``stddev``, or NaN where traced values break ``_check_noise``'s rules."""
-  z = jnp.asarray(noise_multiplier)
-  leaves = [jnp.asarray(c) for c in jax.tree.leaves(clip_norm)]
-  ok = (z >= 0) & jnp.isfinite(z) & jnp.isfinite(sensitivity) & ((sensitivity > 0) | (z == 0))
-  for c in leaves:
-    ok = ok & (c >= 0)
-  return jnp.where(ok, stddev, jnp.nan)
-
-
-def _noise_stddev(noise_multiplier, clip_norm):
-  """``z · sensitivity(C)``, NaN for bad traced values; a Python zero for a Python zero ``z``."""
-  if _checks.is_static_zero(noise_multiplier):
-    return 0.0
-  sensitivity = _sensitivity(clip_norm)
-  return _valid_stddev(noise_multiplier * sensitivity, noise_multiplier, clip_norm, sensitivity)
-
-
-# ---------------------------------------------------------------------------
-# Public functions
-# ---------------------------------------------------------------------------
-
-
 def sensitivity(clip_norm: Any) -> jax.Array:
   r"""The L2 sensitivity of a sum of per-example gradients clipped to ``clip_norm``.
 
@@ -270,7 +148,7 @@ def sensitivity(clip_norm: Any) -> jax.Array:
   return _sensitivity_jit(clip_norm)
 
 
-_sensitivity_jit = jax.jit(_sensitivity)
+_sensitivity_jit = jax.jit(_aggregate.sensitivity)
 
 
 def per_example_clip(
@@ -334,7 +212,7 @@ def per_example_clip(
     NeurIPS 2023.
   """
   _checks.check_differentiable(grads, "grads")
-  p = _check_clipping(p, clip_norm, scaling, stability)
+  p = _aggregate.check_clipping(p, clip_norm, scaling, stability)
   mask = _checks.check_mask(mask, _checks.batch_size(grads))
   return _per_example_clip(grads, clip_norm, stability, mask, p=p, scaling=scaling)
 
@@ -343,7 +221,7 @@ def per_example_clip(
 # once per shape instead of once per primitive; inside a user's `jit` it is inlined.
 @functools.partial(jax.jit, static_argnames=("p", "scaling"))
 def _per_example_clip(grads, clip_norm, stability, mask, *, p, scaling):
-  c = _clip(grads, clip_norm, p, scaling, stability, mask)
+  c = _aggregate.clip(grads, clip_norm, p, scaling, stability, mask)
   clipped = [
     jax.tree.map(lambda g, w=w: _norms.scale_examples(g, w), t)
     for t, w in zip(c.subtrees, c.weights)
@@ -437,8 +315,8 @@ def dp_aggregate(
     Chen, Wu & Hong, `Understanding Gradient Clipping in Private SGD: A
     Geometric Perspective <https://arxiv.org/abs/2006.15429>`_, NeurIPS 2020.
   """
-  p = _check_clipping(p, clip_norm, scaling, stability)
-  _check_noise(clip_norm, noise_multiplier)
+  p = _aggregate.check_clipping(p, clip_norm, scaling, stability)
+  _aggregate.check_noise(clip_norm, noise_multiplier)
   _checks.check_nonnegative("pre_clip_noise", pre_clip_noise)
   if expected_batch_size is not None:
     _checks.check_positive("expected_batch_size", expected_batch_size, finite=True)
@@ -453,13 +331,20 @@ def dp_aggregate(
     size = _checks.batch_size(updates)
     mask = _checks.check_mask(mask, size)
     next_key, perturb_key, noise_key = jax.random.split(state.key, 3)
-    summed, _ = _clipped_sum(
-      updates, clip_norm, p, scaling, stability, mask, pre_clip_noise, perturb_key
+    summed, _ = _aggregate.clipped_sum(
+      updates,
+      clip_norm=clip_norm,
+      p=p,
+      scaling=scaling,
+      stability=stability,
+      mask=mask,
+      pre_clip_noise=pre_clip_noise,
+      key=perturb_key,
     )
     divisor = size if expected_batch_size is None else expected_batch_size
-    stddev = _noise_stddev(noise_multiplier, clip_norm)
-    noisy = _noisy_mean(summed, stddev, divisor, noise_key)
-    return _like(noisy, updates), DPAggregateState(key=next_key)
+    stddev = _aggregate.noise_stddev(noise_multiplier, clip_norm)
+    noisy = _aggregate.noisy_mean(summed, stddev=stddev, divisor=divisor, key=noise_key)
+    return _aggregate.cast_like(noisy, updates), DPAggregateState(key=next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -506,7 +391,7 @@ def dp_noise(
     <https://arxiv.org/abs/1607.00133>`_, CCS 2016.
   """
   _checks.check_clip_norm(clip_norm)
-  _check_noise(clip_norm, noise_multiplier)
+  _aggregate.check_noise(clip_norm, noise_multiplier)
   _checks.check_positive("batch_size", batch_size, finite=True)
   initial_key = _checks.canonical_key(key)
 
@@ -517,8 +402,10 @@ def dp_noise(
   def update_fn(updates, state, params=None, **extra):
     del params, extra
     next_key, noise_key = jax.random.split(state.key)
-    stddev = _noise_stddev(noise_multiplier, clip_norm)
-    return _noisy_mean(updates, stddev, batch_size, noise_key), DPNoiseState(key=next_key)
+    stddev = _aggregate.noise_stddev(noise_multiplier, clip_norm)
+    return _aggregate.noisy_mean(
+      updates, stddev=stddev, divisor=batch_size, key=noise_key
+    ), DPNoiseState(key=next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -562,7 +449,7 @@ def clipping_stats(
     Chen, Wu & Hong, `Understanding Gradient Clipping in Private SGD: A
     Geometric Perspective <https://arxiv.org/abs/2006.15429>`_, NeurIPS 2020.
   """
-  p = _check_clipping(p, clip_norm, scaling, stability)
+  p = _aggregate.check_clipping(p, clip_norm, scaling, stability)
   mask = _checks.check_mask(mask, _checks.batch_size(per_example_grads))
   return _clipping_stats(per_example_grads, clip_norm, stability, mask, p=p, scaling=scaling)
 
@@ -570,7 +457,7 @@ def clipping_stats(
 @functools.partial(jax.jit, static_argnames=("p", "scaling"))
 def _clipping_stats(per_example_grads, clip_norm, stability, mask, *, p, scaling):
   size = _checks.batch_size(per_example_grads)
-  c = _clip(per_example_grads, clip_norm, p, scaling, stability, mask)
+  c = _aggregate.clip(per_example_grads, clip_norm, p, scaling, stability, mask)
   dtype = c.norms[0].dtype
   real = jnp.asarray(size if mask is None else jnp.sum(mask), dtype)
   count = jnp.maximum(real, 1)

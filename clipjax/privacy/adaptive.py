@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipjax import _checks, _gaussian
-from clipjax.privacy import _clipped_sum, _like, _noisy_mean, _sensitivity, _valid_stddev
+from clipjax import _checks
+from clipjax.privacy import _aggregate, _gaussian
 
 
 class AdaptiveDPAggregateState(NamedTuple):
@@ -136,11 +136,11 @@ def _step(summed, norms, mask, clip_norm, key, h: _Hyper):
   if _checks.is_static_zero(z):
     stddev = 0.0
   else:
-    sensitivity = _sensitivity(clip_norm)
-    stddev = _valid_stddev(
+    sensitivity = _aggregate.sensitivity(clip_norm)
+    stddev = _aggregate.valid_stddev(
       _sum_multiplier(z, count_stddev, groups) * sensitivity, z, clip_norm, sensitivity
     )
-  updates = _noisy_mean(summed, stddev, h.divisor, noise_key)
+  updates = _aggregate.noisy_mean(summed, stddev=stddev, divisor=h.divisor, key=noise_key)
   new = _adapted(
     clip_norm,
     norms,
@@ -380,8 +380,15 @@ def adaptive_dp_aggregate(
     size = _checks.batch_size(updates)
     mask = _checks.check_mask(mask, size)
     next_key, perturb_key, key = jax.random.split(state.key, 3)
-    summed, clipping = _clipped_sum(
-      updates, state.clip_norm, 2.0, "clip", 0.01, mask, pre_clip_noise, perturb_key
+    summed, clipping = _aggregate.clipped_sum(
+      updates,
+      clip_norm=state.clip_norm,
+      p=2.0,
+      scaling="clip",
+      stability=0.01,  # unused by "clip"
+      mask=mask,
+      pre_clip_noise=pre_clip_noise,
+      key=perturb_key,
     )
     divisor = size if expected_batch_size is None else expected_batch_size
     hyper = _Hyper(
@@ -389,6 +396,8 @@ def adaptive_dp_aggregate(
     )
     norms = clipping.prefix.unflatten(clipping.norms)
     noisy, clip_norm = _step(summed, norms, mask, state.clip_norm, key, hyper)
-    return _like(noisy, updates), AdaptiveDPAggregateState(clip_norm=clip_norm, key=next_key)
+    return _aggregate.cast_like(noisy, updates), AdaptiveDPAggregateState(
+      clip_norm=clip_norm, key=next_key
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

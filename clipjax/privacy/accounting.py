@@ -84,7 +84,8 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from clipjax import _binomial, _checks, _gaussian
+from clipjax import _checks
+from clipjax.privacy import _binomial, _gaussian
 
 _INSTALL_HINT = (
   "clipjax.accounting needs the dp_accounting package: from the clipjax checkout, "

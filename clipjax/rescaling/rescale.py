@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from clipjax import _checks, _norms
-from clipjax._breakpoints import leaves, outside
-from clipjax._eta import prepare_box, solve_eta
 from clipjax._typing import PyTree
+from clipjax.rescaling._breakpoints import leaves, outside
+from clipjax.rescaling._eta import prepare_box, solve_eta
 
 
 def rescale(

@@ -29,22 +29,6 @@ def per_row(t, ndim, nb):
   return jnp.reshape(t, jnp.shape(t) + (1,) * (ndim - nb))
 
 
-def power(v, p):
-  if p == 1:
-    return v
-  if p == 2:
-    return v * v
-  return v**p
-
-
-def root(v, p):
-  if p == 1:
-    return v
-  if p == 2:
-    return jnp.sqrt(v)
-  return v ** (1.0 / p)
-
-
 # Sums and maxima over a row are taken in two stages: a variadic reduction of
 # every ``config.chunk`` consecutive elements, fused with the elementwise work
 # that makes them, then one library reduction of the partial results. XLA:CPU

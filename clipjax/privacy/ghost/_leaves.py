@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _norms
-from clipjax.ghost import _factors, _layout
+from clipjax.privacy.ghost import _factors, _layout
 
 
 class Leaf(NamedTuple):
@@ -36,7 +36,7 @@ class Leaf(NamedTuple):
   Attributes:
     terms: ``(multiplicity, Scaled)`` pairs that sum to the squared norm of the ghost
       part (cross terms included), each with its rounding bound; see :func:`root`.
-    slack: one :class:`~clipjax.ghost._factors.Scaled` per ghost use, in norm units:
+    slack: one :class:`~clipjax.privacy.ghost._factors.Scaled` per ghost use, in norm units:
       how far its contraction into the clipped sum may stray per unit weight.
     explicit: ``(batch, *leaf.shape)`` explicit per-example gradient (the explicit
       uses' sum), or None.

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _checks, _norms
-from clipjax._eta import prepare_box
 from clipjax._typing import PyTree
-from clipjax.rescale import rescale
+from clipjax.rescaling._eta import prepare_box
+from clipjax.rescaling.rescale import rescale
 
 # Bracket-safeguarded Newton passes for the p = 1 threshold before the solver falls
 # back to bisection; image-like data needs 2 to 12 (more for larger inputs).

@@ -43,7 +43,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from clipjax import _checks
-from clipjax.sampling import PoissonSampler
+from clipjax.privacy.sampling import PoissonSampler
 
 
 def _host_bytes(leaf: Any) -> bytes:

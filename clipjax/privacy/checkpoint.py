@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipjax import _checks
-from clipjax.accounting import dp_epsilon
+from clipjax.privacy.accounting import dp_epsilon
 
 _FORMAT = 1
 

@@ -1,7 +1,7 @@
 """The solvers of ``rescale``, registered once: ``SOLVERS`` maps each method to its solve.
 
-Each solver takes the box, ``eps``, the first pass's :class:`~clipjax._breakpoints.Scale`,
-``p``, the number of batch axes and the :class:`~clipjax._rescale_config.RescaleConfig`
+Each solver takes the box, ``eps``, the first pass's :class:`~clipjax.rescaling._breakpoints.Scale`,
+``p``, the number of batch axes and the :class:`~clipjax.rescaling._rescale_config.RescaleConfig`
 (static), and returns ``eta`` (``inf`` where nothing is left
 free: the caller takes the last breakpoint there). ``rescale``'s ``method`` names are
 ``"auto"`` and the keys of ``SOLVERS``.
@@ -15,7 +15,8 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from clipjax._breakpoints import (
+from clipjax._powers import power
+from clipjax.rescaling._breakpoints import (
   TINY,
   Box,
   first_pass,
@@ -25,7 +26,7 @@ from clipjax._breakpoints import (
   piece_root,
   stats,
 )
-from clipjax._reductions import per_row, power, reduce_rows, row_max
+from clipjax.rescaling._reductions import per_row, reduce_rows, row_max
 
 SOLVERS = {}
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from clipjax import _checks
-from clipjax._eta import solve_eta
 from clipjax._typing import PyTree
+from clipjax.rescaling._eta import solve_eta
 
 
 def perturb(

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from clipjax._reductions import per_row, power, reduce_rows, root, row_max, row_sum
+from clipjax._powers import power, root
+from clipjax.rescaling._reductions import per_row, reduce_rows, row_max, row_sum
 
 
 class Box(NamedTuple):
