@@ -670,3 +670,12 @@ def test_noise_transforms_give_nan_for_bad_traced_settings(name):
   bad = len(BAD_NOISE)
   assert np.all(np.isnan(out[:bad])), out[:bad]
   assert np.all(np.isfinite(out[bad:]))
+
+
+@pytest.mark.parametrize("p", [2.5, 3, np.inf])
+def test_dp_aggregate_refuses_p_above_two(p):
+  # The L2 sensitivity that the noise is calibrated to is bounded by a p-norm clip only
+  # for p <= 2: (1, 1, ..., 1) has inf-norm 1 and L2 norm sqrt(n).
+  with pytest.raises(ValueError, match="p <= 2"):
+    dp_aggregate(1.0, 1.0, key=0, p=p)
+  dp_aggregate(1.0, 1.0, key=0, p=1.5)

@@ -33,8 +33,8 @@ exceeds the dtype's range.
 clipped gradients, under the add/remove-one-example relation, whose accounting
 (:func:`clipjax.dp_epsilon`) takes ``noise_multiplier`` as it is. The L2 norm of a
 vector is at most its p-norm for ``p <= 2``, so the guarantee holds for ``p <= 2``; for
-``p > 2`` the sum's L2 sensitivity can exceed ``sensitivity(clip_norm)`` and no
-privacy is claimed. The noisy sum is divided by the number of examples it stands for:
+``p > 2`` the sum's L2 sensitivity can exceed ``sensitivity(clip_norm)``, and
+:func:`dp_aggregate` refuses it. The noisy sum is divided by the number of examples it stands for:
 the physical batch size, or ``expected_batch_size`` (``sample_rate · num_examples``
 under Poisson sampling, never the realized or padded size).
 
@@ -285,8 +285,8 @@ def dp_aggregate(
     key: a typed PRNG key, a raw ``uint32`` key or an int seed.
     pre_clip_noise: :math:`k >= 0`, the standard deviation of the perturbation added
       to each example before clipping.
-    p: the clipping norm (any float ``>= 1`` or ``inf``); the Gaussian mechanism's
-      guarantee needs ``p <= 2``. Static.
+    p: the clipping norm, a float in ``[1, 2]``: the Gaussian mechanism's guarantee
+      needs ``p <= 2``, and larger ``p`` is refused. Static.
     scaling: ``"clip"``, ``"automatic"`` or ``"normalize"``. Static.
     stability: ``γ > 0`` of ``"automatic"``.
     expected_batch_size: :math:`B' > 0`, the divisor; ``None`` for the physical
@@ -316,6 +316,12 @@ def dp_aggregate(
     Geometric Perspective <https://arxiv.org/abs/2006.15429>`_, NeurIPS 2020.
   """
   p = _aggregate.check_clipping(p, clip_norm, scaling, stability)
+  if p > 2:
+    # The L2 norm exceeds the p-norm for p > 2: clipping would not bound the sensitivity.
+    raise ValueError(
+      f"dp_aggregate needs p <= 2 (the Gaussian noise is calibrated to the sum's L2 "
+      f"sensitivity, which a p-norm clip bounds only for p <= 2), got p={p}."
+    )
   _aggregate.check_noise(clip_norm, noise_multiplier)
   _checks.check_nonnegative("pre_clip_noise", pre_clip_noise)
   if expected_batch_size is not None:
