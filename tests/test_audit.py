@@ -1,4 +1,4 @@
-"""Tests for clipjax.privacy.audit: exact Clopper-Pearson bounds, coverage, and audits that can fail."""
+"""Tests for clipjax.privacy.audit: exact Clopper-Pearson bounds, coverage, audits that can fail."""
 
 import math
 from fractions import Fraction
