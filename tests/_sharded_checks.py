@@ -104,7 +104,11 @@ def _assert_gather_free(found, max_reduce):
 
 def _assert_close(got, want, rtol=2e-5):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=1e-6)
+    # Sharded sums add in another order: an entry that cancels (a tied embedding's rows)
+    # differs by float32 rounding of the leaf's largest terms, not of its own size.
+    w = np.asarray(w)
+    atol = max(1e-6, 1e-5 * float(np.max(np.abs(w), initial=0.0)))
+    np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
 
 
 def _assert_same_sharding(got, like):

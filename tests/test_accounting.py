@@ -263,9 +263,9 @@ def test_overflow_probability_used_is_that_of_the_sampler():
 
 def test_missing_dp_accounting_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "dp_accounting", None)
-  with pytest.raises(ImportError, match=r'pip install "clipjax\[privacy\]"'):
+  with pytest.raises(ImportError, match=r'pip install -e "\.\[privacy\]"'):
     dp_epsilon(1.0, 0.01, 10, DELTA)
-  with pytest.raises(ImportError, match=r'pip install "clipjax\[privacy\]"'):
+  with pytest.raises(ImportError, match=r'pip install -e "\.\[privacy\]"'):
     calibrate_noise(1.0, DELTA, 0.01, 10)
 
 
