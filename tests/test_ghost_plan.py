@@ -1,4 +1,4 @@
-"""``clipjax.privacy.ghost.plan``, the fallback warning and the public rule API.
+"""``clipjax.ghost.plan``, the fallback warning and the public rule API.
 
 ``plan`` and the warning trace shapes only (nothing compiles); the user-registered rule
 is checked against the float64 per-example oracle.

@@ -404,10 +404,10 @@ def clipped_grad(
       (Bu et al. 2023); ``"normalize"``, ``C/‖g‖`` (zero gradients stay zero). Each
       bounds every example's contribution by ``C``.
     stability: the ``γ > 0`` of ``"automatic"``.
-    warn_fallback: emit a :class:`clipjax.privacy.ghost.FallbackWarning` (once per
+    warn_fallback: emit a :class:`clipjax.ghost.FallbackWarning` (once per
       compilation) naming every leaf whose per-example gradient falls back to the
       batched backward pass, and why (biases and normalization scales, in the pass
-      by design, are not named); :func:`clipjax.privacy.ghost.plan` reports every leaf
+      by design, are not named); :func:`clipjax.ghost.plan` reports every leaf
       without compiling.
 
   Returns:
@@ -432,7 +432,7 @@ def clipped_grad(
   **How it works.** The per-example loss is traced to a jaxpr once per input shape,
   and every place where a parameter (possibly reshaped, transposed, sliced or cast)
   meets the example's data is matched against the rule registered for its primitive
-  (:func:`clipjax.privacy.ghost.register_rule` adds one), also inside ``jax.jit``,
+  (:func:`clipjax.ghost.register_rule` adds one), also inside ``jax.jit``,
   ``jax.checkpoint`` and ``lax.scan`` (stacked layers, flax ``nn.scan``):
 
   ==========================  ===========================================================
@@ -462,7 +462,7 @@ def clipped_grad(
   a way no rule recognises (inside ``cond``, ``while``, ``custom_jvp`` or
   ``custom_vjp`` calls, transformed before use, ...), get their per-example gradient
   from the same batched backward pass, as ``vmap(grad)`` would: exact, at that leaf's
-  share of the per-example cost. :func:`clipjax.privacy.ghost.plan` says which leaves do and
+  share of the per-example cost. :func:`clipjax.ghost.plan` says which leaves do and
   why.
 
   The norms are certified: each is an upper bound, in the arithmetic actually used,
