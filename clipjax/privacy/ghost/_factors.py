@@ -200,15 +200,16 @@ class Scaled(NamedTuple):
 
 
 class Normalized(NamedTuple):
-  """A use's factors divided per example by powers of two (exact), with their norms.
+  """A use's factors as the Gram form takes them, with the norms of its positions.
 
   Attributes:
-    factors: ``a`` and ``b`` with every example's largest magnitude in ``[1/2, 1)``
-      (indices are left alone): example ``i``'s gradient is
+    factors: ``a`` and ``b`` as they are, or divided per example by powers of two
+      (:func:`scaled`; indices are left alone): example ``i``'s gradient is
       ``2^exponent_i · Σ_p a_ip ⊗ b_ip``.
-    exponent: ``(batch,)`` int32.
-    norm_a: ``(batch, H, P)`` norms ``‖a_hp‖`` (ones for one-hot rows).
-    norm_b: ``(batch, H, P)`` norms ``‖b_hp‖``.
+    exponent: ``(batch,)`` int32 (zeros for factors as they are).
+    norm_a: ``(batch, H, P)`` upper bounds of the norms ``‖a_hp‖`` (ones for one-hot
+      rows), read off the Gram diagonal.
+    norm_b: ``(batch, H, P)`` upper bounds of the norms ``‖b_hp‖``.
   """
 
   factors: Factors
