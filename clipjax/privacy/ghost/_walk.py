@@ -45,8 +45,14 @@ _ISOMETRIC = _ELEMENTWISE | {prims.reshape_p, prims.transpose_p, prims.squeeze_p
 _VIEWS = _ISOMETRIC | {prims.broadcast_in_dim_p}
 # Structural equations whose bodies are analysed (and evaluated with taps inside).
 _CALLS = frozenset({prims.jit_p, prims.closed_call_p})
-# ``remat_p`` is public in jax.extend from JAX 0.8; read it off a traced checkpoint instead.
-_REMAT = frozenset({jax.make_jaxpr(jax.checkpoint(lambda x: x))(0.0).eqns[0].primitive})
+# ``remat_p`` is public in jax.extend from JAX 0.8; before, it is read off a traced
+# checkpoint (only there: tracing at import costs every user start-up time).
+_REMAT = frozenset(
+  {
+    getattr(prims, "remat_p", None)
+    or jax.make_jaxpr(jax.checkpoint(lambda x: x))(0.0).eqns[0].primitive
+  }
+)
 _SCAN = prims.scan_p
 # Why a leaf used by these equations is taken in the pass.
 _OPAQUE = {
