@@ -27,8 +27,8 @@ example.
 
 import os
 import sys
-import time
 
+import _cli
 import _digits  # examples/ is on sys.path when run as a script
 import _private_training as pt
 import jax
@@ -151,16 +151,11 @@ def _parse(argv):
   parser.set_defaults(epochs=20, learning_rate=0.1)
   parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
   parser.add_argument("--seeds", type=int, default=3)
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.epsilons, args.epochs, args.seeds = [4.0], 1, 1
-  return args
+  return _cli.parse(parser, argv, epsilons=[4.0], epochs=1, seeds=1)
 
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data = _digits.load()
   n = int(data.x_train.shape[0])
   steps_per_epoch = round(n / args.batch_size)
@@ -192,7 +187,7 @@ def main(argv=None):
   )
   path = os.path.join(args.out, "correlated_noise.png")
   _plot(args.epsilons, table, path)
-  print(f"plot: {path}  ({time.perf_counter() - start:.0f} s)")
+  _cli.done(args, path)
   return {"table": table, "plot": path, "samplers": [m[1] for m in mechanisms], "steps": steps}
 
 

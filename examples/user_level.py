@@ -26,8 +26,8 @@ Several seeds; the table gives test accuracy and both guarantees. δ = 1e-5.
 
 import os
 import sys
-import time
 
+import _cli
 import _digits  # examples/ is on sys.path when run as a script
 import _private_training as pt
 import jax
@@ -132,16 +132,11 @@ def _parse(argv):
   parser.set_defaults(epochs=20)
   parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
   parser.add_argument("--seeds", type=int, default=3)
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.epsilons, args.epochs, args.seeds = [4.0], 1, 1
-  return args
+  return _cli.parse(parser, argv, epsilons=[4.0], epochs=1, seeds=1)
 
 
 def main(argv=None):
   args = _parse(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
   data = _digits.load()
   n = int(data.x_train.shape[0])
   steps = args.epochs * round(n / args.batch_size)
@@ -193,7 +188,7 @@ def main(argv=None):
   print("User-level guarantee:", clipjax.privacy_statement(eps, DELTA, **users.accounting))
   path = os.path.join(args.out, "user_level.png")
   _plot(args.epsilons, table, path)
-  print(f"plot: {path}  ({time.perf_counter() - start:.0f} s)")
+  _cli.done(args, path)
   return {"table": table, "plot": path, "users": users, "examples": examples, "counts": counts}
 
 
