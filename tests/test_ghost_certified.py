@@ -146,6 +146,26 @@ def test_convolution():
   _assert_bounded(_worst_contribution(loss, k, [x, c]))
 
 
+def test_transposed_convolution():
+  """A stride-2 transposed convolution (positions at the input): near-identical input
+  rows, output cotangents whose patches alternate in sign."""
+
+  def loss(k, x, c):
+    y = lax.conv_transpose(x[None], k, (2,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+    return jnp.sum(y[0] * c)
+
+  def make(rng, mx, mg):
+    x = mx * (1 + 1e-6 * rng.standard_normal((6, 16)))
+    signs = np.where(np.arange(12) // 2 % 2 == 0, 1.0, -1.0)[:, None]
+    c = mg * signs * rng.uniform(1, 1 + 1e-5, (12, 16))
+    return x, c
+
+  x, c = _search(7, 8, make)
+  k = jnp.zeros((3, 16, 16), F32)
+  assert _form(loss, k, x, c) == ("ghost",)
+  _assert_bounded(_worst_contribution(loss, k, [x, c]))
+
+
 def test_embedding_rows_used_twice():
   """The same row looked up twice with nearly opposite cotangents."""
 

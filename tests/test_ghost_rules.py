@@ -140,6 +140,61 @@ def test_convolutions_of_every_kind():
   check(loss, params, batch)
 
 
+_TRANSPOSED_SPECS = {
+  # name: (example input shape, kernel shape, dimension numbers, conv_transpose keywords)
+  "1d_s2_same": ((5, 3), (3, 3, 4), ("NWC", "WIO", "NWC"), dict(strides=(2,), padding="SAME")),
+  "1d_s3_valid": ((4, 2), (4, 2, 3), ("NWC", "WIO", "NWC"), dict(strides=(3,), padding="VALID")),
+  "2d_s2_explicit": (
+    (4, 3, 2),
+    (3, 3, 2, 3),
+    ("NHWC", "HWIO", "NHWC"),
+    dict(strides=(2, 2), padding=((1, 0), (2, 1))),
+  ),
+  "2d_nchw_rhs_dilated": (
+    (2, 4, 3),
+    (3, 2, 2, 3),
+    ("NCHW", "OIHW", "NCHW"),
+    dict(strides=(2, 3), padding="SAME", rhs_dilation=(2, 1)),
+  ),
+  "3d": ((2, 3, 2, 2), (2, 2, 2, 2, 2), ("NDHWC", "DHWIO", "NDHWC"), dict(strides=(2, 1, 2), padding="VALID")),
+  "wide": ((4, 16), (3, 16, 16), ("NWC", "WIO", "NWC"), dict(strides=(2,), padding="SAME")),
+}
+
+
+def test_transposed_convolutions():
+  """``lax.conv_transpose`` with every stride and padding kind (SAME, VALID, explicit),
+  1-D to 3-D, NCHW, kernel dilation; and the primitive itself with an input dilation,
+  padding that crops (negative) and feature groups: factors at the input's positions,
+  explicit or Gram as the shapes favour."""
+  specs = _TRANSPOSED_SPECS
+  params = {n: _normal(20 + i, s[1], scale=0.5) for i, (n, s) in enumerate(specs.items())}
+  batch = {n: _normal(30 + i, (5, *s[0])) for i, (n, s) in enumerate(specs.items())}
+  params["cropped_grouped"] = _normal(40, (3, 2, 6))
+  batch["cropped_grouped"] = _normal(41, (5, 6, 4))
+
+  def loss(p, x):
+    out = sum(
+      jnp.sum(jnp.sin(lax.conv_transpose(x[n][None], p[n], dimension_numbers=dims, **kw)) ** 2)
+      for n, (_, _, dims, kw) in specs.items()
+    )
+    y = lax.conv_general_dilated(
+      x["cropped_grouped"][None],
+      p["cropped_grouped"],
+      (1,),
+      ((-1, 2),),
+      lhs_dilation=(3,),
+      rhs_dilation=(2,),
+      dimension_numbers=("NWC", "WIO", "NWC"),
+      feature_group_count=2,
+    )
+    return out + jnp.sum(jnp.sin(y) ** 2)
+
+  modes = plan(loss, params, batch)
+  assert modes.pop("['wide']") == ("ghost",)
+  assert set(modes.values()) == {("explicit",)}
+  check(loss, params, batch)
+
+
 # ---------------------------------------------------------------------------- embeddings
 
 

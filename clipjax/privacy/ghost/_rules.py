@@ -214,6 +214,37 @@ def patches(x, window, strides, padding, lhs_dilation, rhs_dilation, out_spatial
   return jnp.stack(taps, axis=-2)
 
 
+def _transposed(params) -> bool:
+  """A transposed convolution (input dilated, unit window strides): its kernel gradient
+  is taken from patches of the output cotangent, at the input's positions."""
+  return any(d > 1 for d in params["lhs_dilation"]) and all(
+    s == 1 for s in params["window_strides"]
+  )
+
+
+def cotangent_patches(g, window, padding, lhs_dilation, rhs_dilation, in_spatial):
+  """``(N, *in_spatial, prod(window), O)``: for every input position ``i``, the output
+  cotangents that the kernel taps carry it to, in a transposed convolution.
+
+  With the input dilated by ``s`` and padded by ``lo``, input ``i`` meets tap ``k`` at
+  output ``lo + s·i − k·d`` (``d`` the kernel dilation), so tap ``k`` reads a slice of
+  stride ``s`` of the cotangent padded by ``(K − 1)·d − lo`` (negative: cropped). The
+  zero-filled dilated input, ``s^rank`` times larger, is never built.
+  """
+  config = [(0, 0, 0)]
+  for k, (lo, hi), d in zip(window, padding, rhs_dilation):
+    config.append(((k - 1) * d - lo, (k - 1) * d - hi, 0))
+  padded = lax.pad(g, jnp.zeros((), g.dtype), config + [(0, 0, 0)])
+  taps = []
+  for offsets in itertools.product(*(range(k) for k in window)):
+    start = [(k - 1 - o) * d for k, o, d in zip(window, offsets, rhs_dilation)]
+    limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, in_spatial, lhs_dilation)]
+    taps.append(
+      lax.slice(padded, [0, *start, 0], [g.shape[0], *limit, g.shape[-1]], [1, *lhs_dilation, 1])
+    )
+  return jnp.stack(taps, axis=-2)
+
+
 class Conv(Rule):
   """``conv_general_dilated(x, kernel)``: any rank, strides, padding, dilations, groups.
 
@@ -221,6 +252,11 @@ class Conv(Rule):
   ``p`` (and the example's own batch axis): blocks are feature groups (a depthwise
   convolution has one per channel), ``L`` the kernel taps times a group's input
   channels, ``R`` a group's output channels.
+
+  A transposed convolution (``lhs_dilation > 1``, unit strides: ``ConvTranspose``)
+  instead takes positions at the input: ``G[g, i, (k, o)] = Σ_p x[p, g, i] ·
+  g_patch[p, k, g, o]``, with ``L`` a group's input channels and ``R`` the taps times a
+  group's output channels, so neither factor holds the dilated input's zeros.
   """
 
   def match(self, eqn, kinds):
@@ -233,7 +269,11 @@ class Conv(Rule):
     groups = eqn.params["feature_group_count"]
     kernel = operand.transpose((*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
     *window, inp, out = kernel.shape
-    kernel = kernel.reshape(_prod(window), inp, groups, out // groups).transpose((2, 0, 1, 3))
+    kernel = kernel.reshape(_prod(window), inp, groups, out // groups)
+    if _transposed(eqn.params):
+      kernel = kernel.transpose((2, 1, 0, 3))  # (G, I, K, O/G)
+      return kernel.reshape(groups, inp, _prod(window) * (out // groups))
+    kernel = kernel.transpose((2, 0, 1, 3))  # (G, K, I, O/G)
     return kernel.reshape(groups, _prod(window) * inp, out // groups)
 
   def factors(self, eqn, position, data, g):
@@ -246,6 +286,19 @@ class Conv(Rule):
     out = g.transpose((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
     kernel_shape = eqn.invars[1].aval.shape
     window = [kernel_shape[a] for a in dn.rhs_spec[2:]]
+    if _transposed(params):
+      cols = cotangent_patches(
+        out,
+        window,
+        params["padding"],
+        params["lhs_dilation"],
+        params["rhs_dilation"],
+        x.shape[1:-1],
+      )
+      p = _prod(x.shape[:-1])
+      a = x.reshape(p, groups, -1).transpose((1, 0, 2))
+      b = cols.reshape(p, _prod(window), groups, -1).transpose((2, 0, 1, 3))
+      return a, b.reshape(groups, p, -1)
     cols = patches(
       x,
       window,
