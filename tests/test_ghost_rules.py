@@ -156,7 +156,12 @@ _TRANSPOSED_SPECS = {
     ("NCHW", "OIHW", "NCHW"),
     dict(strides=(2, 3), padding="SAME", rhs_dilation=(2, 1)),
   ),
-  "3d": ((2, 3, 2, 2), (2, 2, 2, 2, 2), ("NDHWC", "DHWIO", "NDHWC"), dict(strides=(2, 1, 2), padding="VALID")),
+  "3d": (
+    (2, 3, 2, 2),
+    (2, 2, 2, 2, 2),
+    ("NDHWC", "DHWIO", "NDHWC"),
+    dict(strides=(2, 1, 2), padding="VALID"),
+  ),
   "wide": ((4, 16), (3, 16, 16), ("NWC", "WIO", "NWC"), dict(strides=(2,), padding="SAME")),
 }
 
