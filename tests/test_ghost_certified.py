@@ -166,6 +166,22 @@ def test_transposed_convolution():
   _assert_bounded(_worst_contribution(loss, k, [x, c]))
 
 
+def test_fused_kernel():
+  """A kernel concatenated from two leaves before use (Gram form of the fused kernel,
+  pulled back to the leaves), on cancelling positions."""
+
+  def loss(p, x, c):
+    return jnp.sum((x @ jnp.concatenate([p["a"], p["b"]], axis=1)) * c)
+
+  def make(rng, mx, mg):
+    return _cancelling(rng, 4, 4, 16, mx), _opposite(rng, 4, 24, mg)
+
+  x, c = _search(8, 12, make)
+  params = {"a": jnp.zeros((16, 8), F32), "b": jnp.zeros((16, 16), F32)}
+  assert set(plan(loss, params, x, c).values()) == {("ghost",)}
+  _assert_bounded(_worst_contribution(loss, params, [x, c]))
+
+
 def test_embedding_rows_used_twice():
   """The same row looked up twice with nearly opposite cotangents."""
 

@@ -41,7 +41,7 @@ def _fallback_model():
 
   def loss(p, x, ids):
     h = jnp.tanh(x @ p["dense"])  # ghost
-    h = h @ jnp.sin(p["sin"])  # transformed before use
+    h = h @ jnp.sin(p["sin"])  # transformed before use: explicit, pulled back
     h = h + p["bias"][0]  # an elementwise shift: no rule
     h = lax.cond(jnp.sum(x) > 0, lambda h: h @ p["cond"], lambda h: h, h)
     h = _custom(p["custom"], h)
@@ -54,7 +54,6 @@ def _fallback_model():
 
 
 _REASONS = {
-  "['sin']": "transformed by `sin` before use",
   "['cond']": "used inside `cond` (branches are not analysed)",
   "['custom']": "used inside a `custom_vjp` function (its gradient is its own)",
   "['carry']": "carried through a `scan`",
@@ -71,6 +70,9 @@ def test_plan_reports_every_fallback_with_its_reason():
   assert report["['dense']"] == ghost.LeafPlan(
     "ghost", (ghost.UsePlan("dot_general", "DotGeneral", "ghost"),), ()
   )
+  assert report["['sin']"] == ghost.LeafPlan(
+    "explicit", (ghost.UsePlan("dot_general", "DotGeneral", "explicit", ("sin",)),), ()
+  )
   assert report["['unused']"] == ghost.LeafPlan("unused", (), ())
   by_design = "elementwise `add` with data (a small per-example gradient, by design)"
   assert report["['bias']"] == ghost.LeafPlan("pass", (), (by_design,))
@@ -86,14 +88,16 @@ def test_fallback_warning_names_leaves_and_reasons():
   message = str(record[0].message)
   for path, reason in _REASONS.items():
     assert f"{path}: " in message and reason in message
-  assert not any(f"{p}: " in message for p in ("['dense']", "['unused']", "['bias']"))
+  assert not any(f"{p}: " in message for p in ("['dense']", "['sin']", "['unused']", "['bias']"))
 
 
 def test_clipped_grad_warns_on_fallback_only_when_asked():
   params = {"w": _normal(1, (3, 2)), "b": _normal(2, (2,))}
   x = _normal(3, (4, 3), jnp.float32)
-  loss = lambda p, x: jnp.sum(jnp.tanh(x @ jnp.sin(p["w"]) + p["b"]))
-  with pytest.warns(ghost.FallbackWarning, match=r"1 leaves[^[]*\['w'\]: transformed by `sin`"):
+  loss = lambda p, x: jnp.sum(jnp.tanh(_custom(p["w"], x[None]) + p["b"]))
+  with pytest.warns(
+    ghost.FallbackWarning, match=r"1 leaves[^[]*\['w'\]: used inside a `custom_vjp`"
+  ):
     clipjax.clipped_grad(loss, 1.0, warn_fallback=True)(params, x)
   with warnings.catch_warnings():
     warnings.simplefilter("error")

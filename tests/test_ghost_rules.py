@@ -302,8 +302,9 @@ def test_slices_of_a_stacked_leaf():
 
 
 def test_unrecognised_uses_are_exact():
-  """A parameter transformed before use (``sin(w)``), a penalty on the parameters alone
-  and an elementwise power: all taken in the batched pass, exactly."""
+  """A penalty on the parameters alone and an elementwise power are taken in the
+  batched pass; a parameter transformed before use (``sin(w)``) is pulled back from its
+  use's explicit gradient: all exactly."""
   params = {"w": _normal(1, (4, 3)), "v": _normal(2, (3,)), "dense": _normal(3, (4, 3))}
   x = _normal(4, (6, 4))
 
@@ -311,7 +312,7 @@ def test_unrecognised_uses_are_exact():
     h = x @ jnp.sin(p["w"]) + jnp.abs(x[:3]) ** p["v"]
     return jnp.sum(jnp.tanh(h + x @ p["dense"])) + 0.1 * jnp.sum(p["dense"] ** 2)
 
-  assert plan(loss, params, x) == {"['dense']": "pass", "['v']": "pass", "['w']": "pass"}
+  assert plan(loss, params, x) == {"['dense']": "pass", "['v']": "pass", "['w']": ("explicit",)}
   check(loss, params, x)
 
 

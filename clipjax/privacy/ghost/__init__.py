@@ -181,30 +181,31 @@ def _clipped_grad(
     raise ValueError(
       f"loss_fn must return one scalar loss per example, got shape {closed.out_avals[0].shape}."
     )
-  reasons = {}
-  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves), reasons)
+  analysis = _walk.find_uses(closed, len(leaves), len(batch_leaves))
   if warn_fallback:
-    _warn_fallback(params, reasons)
+    _warn_fallback(params, analysis.reasons)
+  in_pass = analysis.in_pass
   cotangents, records, pass_grads, outs = _backward_pass(
-    closed, uses, in_pass, leaves, batch_leaves
+    closed, analysis.uses, in_pass, leaves, batch_leaves
   )
 
   prefix, clip_norms, subtrees = _norms.groups(clip_norm, params)
   group_of = np.repeat(np.arange(len(subtrees)), [len(jax.tree.leaves(t)) for t in subtrees])
   dtype = _norms.accumulation_dtype(leaves)
-  by_leaf = {}
-  for use in uses:
-    by_leaf.setdefault(use.leaf, []).append(use)
-  parts = {
-    k: _leaves.norm_parts(leaf_uses, leaves[k], records, cotangents, dtype)
-    for k, leaf_uses in by_leaf.items()
-  }
+  parts, fused, extra = _leaves.transformed_parts(
+    analysis, leaves, records, cotangents, dtype, group_of
+  )
+  # A fused virtual leaf counts in its sources' group, as a leaf of its own.
+  values, group_of = dict(enumerate(leaves)), dict(enumerate(group_of))
+  for k, t in fused.items():
+    parts[k], values[k], group_of[k] = t.parts, t.value, group_of[t.sources[0]]
 
   # Per group: the ghost parts' norms, and one norm of the explicit per-example
-  # gradients (those of the leaves in the pass and of explicit uses).
+  # gradients (those of the leaves in the pass, of explicit uses and pulled back).
   explicit = [{} for _ in clip_norms]
-  for k, g in zip(in_pass, pass_grads):
+  for k, g in [*zip(in_pass, pass_grads), *extra.items()]:
     explicit[group_of[k]][k] = g
+  packable = {*in_pass, *extra}
   terms = [[] for _ in clip_norms]
   slack = [[] for _ in clip_norms]
   for k, part in parts.items():
@@ -214,7 +215,7 @@ def _clipped_grad(
       explicit[group_of[k]][k] = part.explicit
   # Sums stay in at least float32: rounding them to bfloat16 before the noise could
   # move them by more than one example's clip norm.
-  clipped = [jnp.zeros(leaf.shape, _norms.accumulation_dtype([leaf])) for leaf in leaves]
+  clipped = {k: jnp.zeros(v.shape, _norms.accumulation_dtype([v])) for k, v in values.items()}
   reported = []
   for j, c in enumerate(clip_norms):
     counted = {
@@ -222,7 +223,7 @@ def _clipped_grad(
     }
     norm_parts = [_leaves.root(terms[j], slack[j])] if terms[j] else []
     if counted:
-      norm_parts.append(_norms.norms(_pack(counted, in_pass)[0], 2.0, 1, mask))
+      norm_parts.append(_norms.norms(_pack(counted, packable)[0], 2.0, 1, mask))
     if not norm_parts:  # a group the loss does not depend on
       zero = jnp.zeros((size,), dtype)
       norm_parts.append(_norms.Norms(jnp.zeros((size,), jnp.int32), zero))
@@ -230,13 +231,17 @@ def _clipped_grad(
     w = _norms.clip_weights(norms, c, scaling=scaling, stability=stability, mask=mask)
     w, plain = _settled(w)
     reported.append(_norms.reported(norms, mask))
-    packed, unpack = _pack(explicit[j], in_pass)
+    packed, unpack = _pack(explicit[j], packable)
     for k, total in unpack(_norms.weighted_sum(packed, w)).items():
       clipped[k] = total.astype(clipped[k].dtype)
     for k, part in parts.items():
       if group_of[k] == j and part.ghost:
-        clipped[k] = clipped[k] + _leaves.ghost_sum(part, leaves[k], records, cotangents, w, plain)
+        clipped[k] = clipped[k] + _leaves.ghost_sum(part, values[k], records, cotangents, w, plain)
+  for k, t in fused.items():
+    for source, total in zip(t.sources, t.back(clipped.pop(k))):
+      clipped[source] = clipped[source] + total
 
+  clipped = [clipped[k] for k in range(len(leaves))]
   result = (jax.tree.unflatten(treedef, clipped), prefix.unflatten(reported))
   if has_aux:
     return result, jax.tree.unflatten(out_treedef, outs)[1]
@@ -251,11 +256,16 @@ class UsePlan(NamedTuple):
     rule: the name of the rule's class.
     form: ``"ghost"`` (its norm from the Gram form of its factors) or ``"explicit"``
       (its per-example gradient as one batched contraction), whichever costs less.
+    through: for a parameter transformed before use (a fused kernel, ``w * g``), the
+      primitives that transform it (empty for a direct use): the rule takes the
+      transformed operand and its per-example gradient is pulled back to this leaf
+      (in ghost form where that only rearranges it and the leaf has no other use).
   """
 
   primitive: str
   rule: str
   form: str
+  through: tuple = ()
 
 
 class LeafPlan(NamedTuple):
@@ -338,26 +348,45 @@ def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
   leaves, treedef = jax.tree.flatten(params)
   batch_leaves, batch_treedef = jax.tree.flatten(batch)
   closed, _ = _trace(loss_fn, leaves, treedef, batch_leaves, batch_treedef)
-  reasons = {}
-  uses, in_pass = _walk.find_uses(closed, len(leaves), len(batch_leaves), reasons)
-  out = {paths[k]: LeafPlan("pass", (), tuple(reasons[k])) for k in in_pass}
+  analysis = _walk.find_uses(closed, len(leaves), len(batch_leaves))
+  out = {paths[k]: LeafPlan("pass", (), tuple(analysis.reasons[k])) for k in analysis.in_pass}
+
+  def forms(part, uses) -> list[str]:
+    ghost = {id(u) for u in part.ghost}
+    return ["ghost" if id(u) in ghost else "explicit" for u in uses]
 
   def run(leaves, batch_leaves):
-    cotangents, records, _, _ = _backward_pass(closed, uses, in_pass, leaves, batch_leaves)
+    uses, n = analysis.uses, len(leaves)
+    cotangents, records, _, _ = _backward_pass(closed, uses, analysis.in_pass, leaves, batch_leaves)
     dtype = _norms.accumulation_dtype(leaves)
-    for k in sorted({u.leaf for u in uses}):
+    group_of = np.zeros(n, int)  # the plan does not depend on the clip groups
+    parts, fused, _ = _leaves.transformed_parts(
+      analysis, leaves, records, cotangents, dtype, group_of
+    )
+    found = {k: [] for k in range(n) if k not in analysis.in_pass}
+    for k, part in parts.items():
       leaf_uses = [u for u in uses if u.leaf == k]
-      part = _leaves.norm_parts(leaf_uses, leaves[k], records, cotangents, dtype)
-      ghost = {id(u) for u in part.ghost}
-      forms = ["ghost" if id(u) in ghost else "explicit" for u in leaf_uses]
-      used = tuple(
-        UsePlan(u.eqn.primitive.name, type(u.rule).__name__, f) for u, f in zip(leaf_uses, forms)
+      for u, f in zip(leaf_uses, forms(part, leaf_uses)):
+        found[k].append(UsePlan(u.eqn.primitive.name, type(u.rule).__name__, f))
+    for j, v in enumerate(analysis.virtuals):
+      leaf_uses = [u for u in uses if u.leaf == n + j]
+      # A virtual leaf not fused has every use explicit, pulled back to its sources.
+      used = (
+        forms(fused[n + j].parts, leaf_uses) if n + j in fused else ["explicit"] * len(leaf_uses)
       )
-      out[paths[k]] = LeafPlan("+".join(sorted(set(forms), reverse=True)), used, ())
+      for k, _ in v.sources:
+        for u, f in zip(leaf_uses, used):
+          if k in found:
+            found[k].append(UsePlan(u.eqn.primitive.name, type(u.rule).__name__, f, v.names))
+    for k, used in found.items():
+      if used:
+        out[paths[k]] = LeafPlan(
+          "+".join(sorted({u.form for u in used}, reverse=True)), tuple(used), ()
+        )
 
   jax.eval_shape(run, leaves, batch_leaves)
   if warn:
-    _warn_fallback(params, reasons)
+    _warn_fallback(params, analysis.reasons)
   return {p: out.get(p, LeafPlan("unused", (), ())) for p in paths}
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _norms
-from clipjax.privacy.ghost import _factors, _layout
+from clipjax.privacy.ghost import _factors, _layout, _walk
 
 
 class Leaf(NamedTuple):
@@ -61,10 +61,10 @@ def _relation(a: _layout.Layout, b: _layout.Layout, leaf_shape) -> str | None:
   return _layout.relation(a.indices, b.indices, leaf_shape)
 
 
-def _choose(uses, factors, layouts, leaf_shape) -> tuple[list[bool], dict]:
+def _choose(uses, factors, layouts, leaf_shape, allowed) -> tuple[list[bool], dict]:
   """Ghost or explicit for every use, and how every two ghost uses pair."""
   ghost = [
-    u.isometric and lay.injective and f.gram_cost < f.explicit_cost
+    allowed and u.isometric and lay.injective and f.gram_cost < f.explicit_cost
     for u, f, lay in zip(uses, factors, layouts)
   ]
   relations = {}
@@ -79,19 +79,24 @@ def _choose(uses, factors, layouts, leaf_shape) -> tuple[list[bool], dict]:
     ghost[i if factors[i].explicit_cost <= factors[j].explicit_cost else j] = False
 
 
-def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
-  """The squared norm parts of one leaf from its uses' records and output cotangents."""
+def norm_parts(uses, leaf, records, cotangents, dtype, extra=None, ghost_allowed=True) -> Leaf:
+  """The squared norm parts of one leaf from its uses' records and output cotangents.
+
+  ``extra`` is a per-example gradient the leaf receives otherwise (pulled back from a
+  transformed use), counted with its explicit uses; ``ghost_allowed=False`` takes
+  every use explicitly.
+  """
   layouts = [_factors.layout(u, leaf.shape) for u in uses]
   factors = [
     _factors.of_use(u, records[u.path], cotangents[u.path], lay.shape[1], dtype)
     for u, lay in zip(uses, layouts)
   ]
-  ghost, relations = _choose(uses, factors, layouts, leaf.shape)
+  ghost, relations = _choose(uses, factors, layouts, leaf.shape, ghost_allowed)
   weighted = [jnp.result_type(records[u.path][0], cotangents[u.path]) for u in uses]
   paired = lambda i: any(
     ghost[j] and relations[min(i, j), max(i, j)] != "disjoint" for j in range(len(uses)) if j != i
   )
-  explicit = None
+  explicit = None if extra is None else extra.astype(dtype)
   zero = jnp.zeros(leaf.shape, dtype)
   for u, f, g in zip(uses, factors, ghost):
     if g:
@@ -127,6 +132,66 @@ def norm_parts(uses, leaf, records, cotangents, dtype) -> Leaf:
     slack += parts[1]
   mixed = explicit is not None and bool(gram)
   return Leaf(terms, slack, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
+
+
+class Transformed(NamedTuple):
+  """A virtual leaf (a derived parameter operand, see ``_walk.Virtual``) in ghost form:
+  its parts count for its sources, and ``back`` maps its clipped sum to theirs (in
+  the sums' precision: it only rearranges)."""
+
+  parts: Leaf
+  value: Any
+  back: Any
+  sources: list
+
+
+def transformed_parts(analysis, leaves, records, cotangents, dtype, group_of):
+  """Every leaf's norm parts, virtual leaves included.
+
+  A virtual leaf whose pull-back preserves norms (``_walk.isometric``: a fused kernel
+  of distinct leaves) and whose sources are used nowhere else, outside the pass and in
+  one clip group, is taken like a leaf (ghost or explicit) and returned in
+  ``fused``; any other has its per-example gradient formed explicitly and pulled back
+  to its sources through the VJP of its recipe, exactly (``v / ‖v‖`` included).
+
+  Returns:
+    ``(parts, fused, extra)``: parts of the parameter leaves with uses, by index; the
+    fused virtual leaves, by index; and the pulled-back per-example gradients of
+    leaves that have no recognised use of their own.
+  """
+  n = len(leaves)
+  by_leaf = {}
+  for use in analysis.uses:
+    by_leaf.setdefault(use.leaf, []).append(use)
+  reached = {}
+  for j, v in enumerate(analysis.virtuals):
+    for k, _ in v.sources:
+      reached[k] = reached.get(k, 0) + 1
+  fused, extra = {}, {}
+  for j, v in enumerate(analysis.virtuals):
+    sources = [k for k, _ in v.sources]
+    value, back = jax.vjp(
+      lambda *s, v=v: _walk.virtual_value(v, dict(zip(sources, s))), *[leaves[k] for k in sources]
+    )
+    alone = all(k not in by_leaf and reached[k] == 1 and k not in analysis.in_pass for k in sources)
+    groups = {int(group_of[k]) for k in sources}
+    ok = _walk.isometric(v) and alone and len(groups) == 1
+    part = norm_parts(by_leaf[n + j], value, records, cotangents, dtype, ghost_allowed=ok)
+    if ok:
+      acc = [leaves[k].astype(_norms.accumulation_dtype([leaves[k]])) for k in sources]
+      _, wide = jax.vjp(lambda *s, v=v: _walk.virtual_value(v, dict(zip(sources, s))), *acc)
+      fused[n + j] = Transformed(part, value, wide, sources)
+      continue
+    grads = jax.vmap(back)(part.explicit.astype(value.dtype))
+    for k, g in zip(sources, grads):
+      if k not in analysis.in_pass:
+        extra[k] = g if k not in extra else extra[k] + g
+  parts = {
+    k: norm_parts(uses, leaves[k], records, cotangents, dtype, extra=extra.pop(k, None))
+    for k, uses in by_leaf.items()
+    if k < n
+  }
+  return parts, fused, extra
 
 
 def _gram_terms(uses, factors, gram, relations, weighted, explicit, scale):

@@ -145,6 +145,46 @@ class Use(NamedTuple):
     return [v for i, v in enumerate(self.eqn.invars) if i != self.position]
 
 
+class Derived(NamedTuple):
+  """A value computed from parameter leaves and constants only, other than as a view of
+  one leaf: fused kernels (``concatenate``), ``w * g``, ``v / ‖v‖``, a flipped kernel.
+
+  Attributes:
+    sources: ``(leaf, scanned)`` per leaf it is computed from (``scanned`` as for a
+      :class:`View`, at the level where it is used).
+    recipe: how to compute it from the leaves' values at that level (see :func:`run`).
+    names: the primitives on the way from the leaves, for ``plan``.
+  """
+
+  sources: tuple
+  recipe: tuple
+  names: tuple
+
+  @property
+  def key(self) -> tuple:
+    """The same derived value, however often the analysis meets it (scan bodies are
+    analysed to a fixed point): the equation that made it, and its leaves."""
+    _, eqn, index, _ = self.recipe
+    return (id(eqn), index, tuple(k for k, _ in self.sources))
+
+
+class Virtual(NamedTuple):
+  """A derived value that a rule takes as its parameter operand, treated as a leaf of
+  its own (index ``n_leaves + j``): its per-example gradient is pulled back to
+  ``sources`` through the VJP of :func:`virtual_value`."""
+
+  sources: tuple
+  recipe: tuple
+  names: tuple
+
+  @property
+  def scanned(self) -> tuple:
+    """Per enclosing scan, whether it runs over the value's leading axis (some source is
+    sliced there: the value is then stacked over that scan's iterations)."""
+    flags = [s for _, s in self.sources]
+    return tuple(any(level) for level in zip(*flags))
+
+
 def _isometric(eqn) -> bool:
   if eqn.primitive in _ISOMETRIC:
     return True
@@ -155,12 +195,12 @@ def _isometric(eqn) -> bool:
 
 
 def _join(provenances) -> str:
-  kinds = [PARAMS if isinstance(p, View) else p for p in provenances]
+  kinds = [PARAMS if isinstance(p, (View, Derived)) else p for p in provenances]
   return max(kinds, key=_ORDER.__getitem__, default=CONST)
 
 
 def _kind(p) -> str:
-  return "view" if isinstance(p, View) else p
+  return "view" if isinstance(p, (View, Derived)) else p
 
 
 def _read(env, v):
@@ -171,16 +211,29 @@ class _Found:
   """What the analysis collects: the recognised uses, and the leaves taken in the pass
   with the reasons why."""
 
-  def __init__(self):
+  def __init__(self, n_leaves: int, virtuals: dict | None = None):
+    self.n_leaves = n_leaves
     self.uses = []
     self.in_pass = {}  # leaf -> reasons, in the order met
+    self.virtuals = {} if virtuals is None else virtuals  # Derived.key -> (index, Virtual)
 
   def give_up(self, provenances, reason: str):
     for p in provenances:
-      if isinstance(p, View):
+      if isinstance(p, Derived):
+        self.give_up([View(k, (), ()) for k, _ in p.sources], reason)
+      elif isinstance(p, View):
         reasons = self.in_pass.setdefault(p.leaf, [])
         if reason not in reasons:
           reasons.append(reason)
+
+  def virtual(self, derived: Derived) -> View:
+    """The virtual leaf standing for ``derived`` (one per derived value), as a view."""
+    key = derived.key
+    if key not in self.virtuals:
+      virtual = Virtual(derived.sources, derived.recipe, derived.names)
+      self.virtuals[key] = (self.n_leaves + len(self.virtuals), virtual)
+    index, _ = self.virtuals[key]
+    return View(index, (), Virtual(derived.sources, (), ()).scanned)
 
   def merge(self, other):
     self.uses += other.uses
@@ -203,66 +256,126 @@ def _why(eqn, kinds, rule) -> str:
   return f"used by `{name}`, which has no rule (see clipjax.privacy.ghost.register_rule)"
 
 
-def _analyse(jaxpr, provenances, path, lengths, found) -> list:
-  """Collects uses and leaves for the pass into ``found``; returns the outputs' provenance."""
+def _literal(v):
+  return ("value", v.val)
+
+
+def _derive(eqn, ins, recipes):
+  """The outputs of ``eqn`` applied to parameters (some views or derived) and
+  constants, all of known recipes: derived values."""
+  sources, names = {}, [eqn.primitive.name]
+  for p in ins:
+    if isinstance(p, View):
+      sources.setdefault(p.leaf, p.scanned)
+    elif isinstance(p, Derived):
+      sources.update(p.sources)
+      names = [n for n in p.names if n not in names] + names
+  out = []
+  for i in range(len(eqn.outvars)):
+    recipe = ("eqn", eqn, i, tuple(recipes))
+    out.append(Derived(tuple(sorted(sources.items())), recipe, tuple(names)))
+  return out
+
+
+def _analyse(jaxpr, provenances, recipes, consts, path, lengths, found) -> tuple[list, list]:
+  """Collects uses and leaves for the pass into ``found``; returns the outputs'
+  provenances and recipes.
+
+  ``recipes`` (one per input, None where unknown) say how a value that does not
+  depend on the example is computed from the leaves (see :func:`run`); ``consts`` are
+  the values of ``jaxpr.constvars``.
+  """
   env = dict(zip(jaxpr.invars, provenances))
   env.update((v, CONST) for v in jaxpr.constvars)
+  how = dict(zip(jaxpr.invars, recipes))
+  how.update((v, ("value", c)) for v, c in zip(jaxpr.constvars, consts))
+
+  def recipe(v):
+    return _literal(v) if isinstance(v, jex_core.Literal) else how.get(v)
+
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
     ins = [_read(env, v) for v in eqn.invars]
+    in_recipes = [recipe(v) for v in eqn.invars]
     prim = eqn.primitive
+    out_recipes = [None] * len(eqn.outvars)
     if prim in _CALLS:
-      outs = _analyse(_callee(eqn).jaxpr, ins, here, lengths, found)
+      closed = _callee(eqn)
+      outs, out_recipes = _analyse(
+        closed.jaxpr, ins, in_recipes, closed.consts, here, lengths, found
+      )
     elif prim in _REMAT:
-      outs = _analyse(eqn.params["jaxpr"], ins, here, lengths, found)
+      outs, out_recipes = _analyse(eqn.params["jaxpr"], ins, in_recipes, [], here, lengths, found)
     elif prim is _SCAN:
-      outs = _analyse_scan(eqn, ins, here, lengths, found)
-    elif prim in _VIEWS and len(ins) == 1 and isinstance(ins[0], View):
-      view = ins[0]
-      outs = [View(view.leaf, view.chain + (eqn,), view.scanned)]
-    elif prim is lax.split_p and isinstance(ins[0], View):
-      view = ins[0]
-      outs = [View(view.leaf, view.chain + (s,), view.scanned) for s in _split_slices(eqn)]
+      outs = _analyse_scan(eqn, ins, in_recipes, here, lengths, found)
     else:
-      rule = _rules.rule_for(prim)
-      kinds = [_kind(p) for p in ins]
-      position = rule.match(eqn, kinds) if rule else None
-      if position is None:
-        found.give_up(ins, _why(eqn, kinds, rule))
-        outs = [_join(ins)] * len(eqn.outvars)
+      if DATA not in ins and all(r is not None for r in in_recipes):
+        out_recipes = [("eqn", eqn, j, tuple(in_recipes)) for j in range(len(eqn.outvars))]
+      if prim in _VIEWS and len(ins) == 1 and isinstance(ins[0], View):
+        view = ins[0]
+        outs = [View(view.leaf, view.chain + (eqn,), view.scanned)]
+      elif prim is lax.split_p and isinstance(ins[0], View):
+        view = ins[0]
+        outs = [View(view.leaf, view.chain + (s,), view.scanned) for s in _split_slices(eqn)]
       else:
-        view = ins[position]
-        found.uses.append(
-          Use(rule, view.leaf, here, eqn, position, view.chain, view.scanned, lengths)
-        )
-        outs = [DATA]
+        rule = _rules.rule_for(prim)
+        kinds = [_kind(p) for p in ins]
+        position = rule.match(eqn, kinds) if rule else None
+        derived = any(isinstance(p, (View, Derived)) for p in ins)
+        if position is not None:
+          view = ins[position]
+          if isinstance(view, Derived):
+            view = found.virtual(view)
+          found.uses.append(
+            Use(rule, view.leaf, here, eqn, position, view.chain, view.scanned, lengths)
+          )
+          outs = [DATA] * len(eqn.outvars)
+        elif derived and out_recipes[0] is not None:
+          # Parameters transformed before use: followed to where a rule takes them.
+          outs = _derive(eqn, ins, in_recipes)
+        else:
+          found.give_up(ins, _why(eqn, kinds, rule))
+          outs = [_join(ins)] * len(eqn.outvars)
     env.update(zip(eqn.outvars, outs))
-  return [_read(env, v) for v in jaxpr.outvars]
+    how.update((v, r) for v, r in zip(eqn.outvars, out_recipes) if r is not None)
+  return [_read(env, v) for v in jaxpr.outvars], [recipe(v) for v in jaxpr.outvars]
 
 
-def _analyse_scan(eqn, ins, path, lengths, found) -> list:
+def _analyse_scan(eqn, ins, recipes, path, lengths, found) -> list:
   """A scan: closed-over views are shared by the iterations, scanned-over views sliced."""
   n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-  body = eqn.params["jaxpr"].jaxpr
-  inner = []
-  for j, p in enumerate(ins):
+  closed = eqn.params["jaxpr"]
+  inner, inner_recipes = [], []
+  for j, (p, r) in enumerate(zip(ins, recipes)):
+    if j >= n_consts:
+      r = None
     if isinstance(p, View):
       if j < n_consts:
         p = View(p.leaf, p.chain, p.scanned + (False,))
       elif j >= n_consts + n_carry and all(e.primitive in _ELEMENTWISE for e in p.chain):
-        # Elementwise views commute with slicing: the chain applies to the slice.
-        p = View(p.leaf, p.chain, p.scanned + (True,))
+        # Elementwise views commute with slicing: the chain applies to the slice, and
+        # so does its recipe (the leaf's value at that level is the slice).
+        p, r = View(p.leaf, p.chain, p.scanned + (True,)), recipes[j]
       else:
         carried = j < n_consts + n_carry
         found.give_up([p], "carried through a `scan`" if carried else "viewed, then scanned over")
         p = PARAMS
+    elif isinstance(p, Derived):
+      if j < n_consts:
+        p = p._replace(sources=tuple((k, s + (False,)) for k, s in p.sources))
+      else:
+        found.give_up([p], "transformed, then carried through or scanned over by a `scan`")
+        p = PARAMS
     inner.append(p)
+    inner_recipes.append(r)
   inner_lengths = lengths + (eqn.params["length"],)
   # The carry's provenance is the join over iterations: iterate to the fixed point
   # (the lattice has three levels), then collect from the last run only.
   while True:
-    trial = _Found()
-    outs = _analyse(body, inner, path, inner_lengths, trial)
+    trial = _Found(found.n_leaves, found.virtuals)
+    outs, _ = _analyse(
+      closed.jaxpr, inner, inner_recipes, closed.consts, path, inner_lengths, trial
+    )
     carry = [_join([a, b]) for a, b in zip(inner[n_consts : n_consts + n_carry], outs[:n_carry])]
     if carry == inner[n_consts : n_consts + n_carry]:
       break
@@ -272,18 +385,111 @@ def _analyse_scan(eqn, ins, path, lengths, found) -> list:
   return [_join([p]) for p in outs]
 
 
-def find_uses(closed, n_leaves: int, n_data: int, reasons: dict | None = None) -> tuple[list, list]:
-  """The recognised uses of leaves outside the pass, and the leaves in the pass (sorted).
+class Analysis(NamedTuple):
+  """What :func:`find_uses` finds.
 
-  ``reasons``, if given, receives every leaf in the pass with why it is there.
+  Attributes:
+    uses: the recognised uses of leaves outside the pass (a virtual leaf's index
+      follows the parameter leaves').
+    in_pass: the leaves in the pass, sorted.
+    reasons: per leaf in the pass, why it is there.
+    virtuals: the virtual leaves, in index order.
   """
-  found = _Found()
+
+  uses: list
+  in_pass: list
+  reasons: dict
+  virtuals: list
+
+
+def find_uses(closed, n_leaves: int, n_data: int) -> Analysis:
+  """Where the leaves (and values derived from them) meet the example's data."""
+  found = _Found(n_leaves)
   provenances = [View(k, (), ()) for k in range(n_leaves)] + [DATA] * n_data
-  outs = _analyse(closed.jaxpr, provenances, (), (), found)
+  recipes = [("leaf", k) for k in range(n_leaves)] + [None] * n_data
+  outs, _ = _analyse(closed.jaxpr, provenances, recipes, closed.consts, (), (), found)
   found.give_up(outs, "returned by the loss function (as the loss or in aux)")
-  if reasons is not None:
-    reasons.update(found.in_pass)
-  return [u for u in found.uses if u.leaf not in found.in_pass], sorted(found.in_pass)
+  # Virtual leaves whose sources are all in the pass need nothing more; the others are
+  # renumbered in order after the parameter leaves.
+  used = sorted({u.leaf for u in found.uses if u.leaf >= n_leaves})
+  by_index = dict(found.virtuals.values())
+  virtuals, renumber = [], {}
+  for index in used:
+    v = by_index[index]
+    if any(k not in found.in_pass for k, _ in v.sources):
+      renumber[index] = n_leaves + len(virtuals)
+      virtuals.append(v)
+  uses = []
+  for u in found.uses:
+    if u.leaf < n_leaves and u.leaf not in found.in_pass:
+      uses.append(u)
+    elif u.leaf in renumber:
+      uses.append(u._replace(leaf=renumber[u.leaf]))
+  return Analysis(uses, sorted(found.in_pass), dict(found.in_pass), virtuals)
+
+
+def run(recipe, values: dict, memo: dict):
+  """A recipe's value from the leaves' ``values`` (at the level it was recorded: a
+  scanned-over leaf's slice). A recipe is ``("leaf", k)``, ``("value", constant)`` or
+  ``("eqn", eqn, output, input_recipes)``; ``memo`` shares common subexpressions."""
+  key = id(recipe)
+  if key not in memo:
+    kind = recipe[0]
+    if kind == "leaf":
+      memo[key] = values[recipe[1]]
+    elif kind == "value":
+      memo[key] = recipe[1]
+    else:
+      _, eqn, index, ins = recipe
+      if id(eqn) not in memo:
+        memo[id(eqn)] = bind(eqn, [run(r, values, memo) for r in ins])
+      memo[key] = memo[id(eqn)][index]
+  return memo[key]
+
+
+def virtual_value(virtual: Virtual, leaves: list):
+  """The virtual leaf's value from the parameter leaves: the recipe, mapped over the
+  iterations of every enclosing scan that slices one of its sources."""
+  fn = lambda values: run(virtual.recipe, values, {})
+  flags = virtual.scanned
+  for level in reversed(range(len(flags))):
+    if flags[level]:
+      axes = {k: 0 if s[level] else None for k, s in virtual.sources}
+      fn = jax.vmap(fn, in_axes=(axes,))
+  return fn({k: leaves[k] for k, _ in virtual.sources})
+
+
+# Recipe equations whose VJP maps a gradient to one of its input's elements each, or to
+# the pieces of a concatenation: norms are preserved if no leaf is reached twice.
+_REARRANGING = frozenset(
+  {prims.reshape_p, prims.transpose_p, prims.squeeze_p, prims.rev_p, prims.copy_p}
+)
+
+
+def isometric(virtual: Virtual) -> bool:
+  """Whether the virtual leaf's pull-back preserves norms: a concatenation (or
+  rearrangement, slice) of distinct leaves, in one dtype, all sliced alike by scans."""
+  seen = []
+
+  def walk(recipe) -> bool:
+    if recipe[0] == "leaf":
+      seen.append(recipe[1])
+      return True
+    if recipe[0] != "eqn":
+      return False
+    _, eqn, _, ins = recipe
+    prim = eqn.primitive
+    same_dtype = all(v.aval.dtype == eqn.outvars[0].aval.dtype for v in eqn.invars)
+    ok = (
+      prim in _REARRANGING
+      or prim in (prims.slice_p, lax.split_p, prims.concatenate_p)
+      or (prim is prims.broadcast_in_dim_p and _isometric(eqn))
+      or prim is prims.convert_element_type_p
+    )
+    return ok and same_dtype and all(walk(r) for r in ins)
+
+  flags = {s for _, s in virtual.sources}
+  return walk(virtual.recipe) and len(seen) == len(set(seen)) and len(flags) == 1
 
 
 # ---------------------------------------------------------------------------
