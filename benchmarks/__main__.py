@@ -6,10 +6,12 @@ ratios (each row's median over its own baseline, measured in the same process,
 interleaved), and writes ``DIR/<backend>[-<suites>][-quick].json`` (the suites named
 when ``--only`` picks some of them; jax version, backend,
 device kind, date, all rows) and, with the rescale suite,
-``DIR/<backend>[-quick]-rescale.png`` (time against vector size per method).
+``DIR/<backend>[-quick]-rescale.png`` (time against vector size per method), with the
+ghost suite ``DIR/<backend>-ghost[-large][-quick].png`` (time and peak memory per
+candidate over the non-private step; compile time too with ``--large``).
 ``--quick`` runs reduced grids in under two minutes on a 2-core CPU; ``--large`` runs the
 ghost suite on GPT-2-small- and ViT-B/16-shaped models instead of its zoo (files
-``...-large...``).
+``...-large...``, so that the zoo's ``<backend>-ghost.json`` stays).
 """
 
 import argparse
@@ -91,6 +93,12 @@ def main(argv):
     importlib.import_module(_SUITES["rescale"]).plot(
       [r for r in rows if r["suite"] == "rescale"],
       os.path.join(args.out, backend + quick + "-rescale.png"),
+    )
+  if "ghost" in args.only:
+    importlib.import_module(_SUITES["ghost"]).plot(
+      [r for r in rows if r["suite"] == "ghost"],
+      os.path.join(args.out, backend + "-ghost" + quick + ".png"),
+      compile_time=args.large,
     )
   print(f"wrote {stem}.json", file=sys.stderr)
 

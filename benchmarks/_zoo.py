@@ -21,7 +21,17 @@ data come from NumPy, so building a model compiles nothing.
 GPT-2-small-shaped LM (width 768, 12 heads, MLP 3072, 12 blocks stacked by scan,
 vocabulary 50257 tied, T 256, batch 4, 124M parameters), and ``vit_b16``, a
 ViT-B/16-shaped classifier (224x224x3, patch 16, width 768, 12 blocks by scan, 1000
-classes, batch 4, 86M parameters). ``EXTRA``: smaller shapes of these for measuring.
+classes, batch 4, 86M parameters). ``EXTRA``: smaller shapes of these for measuring,
+and the layers issue 23 asks about (``--models`` picks them):
+
+* ``vit_small``: the ViT on 32x32x3 images, patch 4, width 128, 4 heads, MLP 512, 4
+  blocks, 10 classes, batch 32.
+* ``lstm_optimized``, ``lstm_cell``: an LSTM (``nn.OptimizedLSTMCell``, one fused gate
+  product; ``nn.LSTMCell``, one product per gate) of 128 units run by ``nn.RNN`` over 32
+  steps of 32 features, Dense(10) on the last state; batch 32.
+* ``conv_transpose_decoder``: an 8x8x64 latent up to a 64x64x3 image by three
+  ``nn.ConvTranspose`` 4x4, strides (2, 2) (64 -> 32 -> 16 -> 3 channels, relu between),
+  squared-error loss against a random image; batch 32.
 """
 
 import flax.linen as nn
@@ -230,6 +240,60 @@ def _vit(batch, rng, size=224, **shape):
   return loss, params, (x, y)
 
 
+# ---------------------------------------------------------------- LSTM, decoder
+
+
+class LSTMClassifier(nn.Module):
+  """An LSTM over the sequence (``nn.RNN``, a scan over time), Dense(10) on the last state."""
+
+  hidden: int = 128
+  optimized: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.OptimizedLSTMCell if self.optimized else nn.LSTMCell
+    h = nn.RNN(cell(self.hidden))(x)
+    return nn.Dense(10)(h[-1])
+
+
+def _lstm(batch, rng, optimized, length=32, features=32):
+  model = LSTMClassifier(optimized=optimized)
+  x = jnp.asarray(rng.standard_normal((batch, length, features)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  params = _fill(jax.eval_shape(model.init, jax.random.key(0), x[0]), rng)
+
+  def loss(params, x, y):
+    return _cross_entropy(model.apply(params, x), y)
+
+  return loss, params, (x, y)
+
+
+class Decoder(nn.Module):
+  """Transposed convolutions 4x4, stride 2, each doubling the resolution (relu between)."""
+
+  channels: tuple = (32, 16, 3)
+
+  @nn.compact
+  def __call__(self, z):
+    for k, c in enumerate(self.channels):
+      z = nn.ConvTranspose(c, (4, 4), strides=(2, 2))(z)
+      z = nn.relu(z) if k < len(self.channels) - 1 else z
+    return z
+
+
+def _decoder(batch, rng, latent=(8, 8, 64)):
+  model = Decoder()
+  z = jnp.asarray(rng.standard_normal((batch, *latent)), jnp.float32)
+  params = _fill(jax.eval_shape(model.init, jax.random.key(0), z[0]), rng)
+  size = latent[0] * 2 ** len(model.channels)
+  image = jnp.asarray(rng.uniform(size=(batch, size, size, model.channels[-1])), jnp.float32)
+
+  def loss(params, z, image):
+    return jnp.mean((model.apply(params, z) - image) ** 2)
+
+  return loss, params, (z, image)
+
+
 # ------------------------------------------------------------------------------ zoo
 
 MODELS = {
@@ -256,6 +320,13 @@ EXTRA = {
   "gpt2_2block": lambda rng: _transformer(2, rng, length=16, blocks=2, **_GPT2),
   "gpt2_small_t64_b2": lambda rng: _transformer(2, rng, length=64, blocks=12, scan=True, **_GPT2),
   "vit_b16_6block_b2": lambda rng: _vit(2, rng, blocks=6),
+  # The layers of issue 23's table.
+  "vit_small": lambda rng: _vit(
+    32, rng, size=32, patch=4, width=128, blocks=4, heads=4, hidden=512, classes=10
+  ),
+  "lstm_optimized": lambda rng: _lstm(32, rng, optimized=True),
+  "lstm_cell": lambda rng: _lstm(32, rng, optimized=False),
+  "conv_transpose_decoder": lambda rng: _decoder(32, rng),
 }
 
 

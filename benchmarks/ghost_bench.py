@@ -1,15 +1,22 @@
 """Cost of one DP-SGD gradient relative to a non-private gradient, on the model zoo.
 
 For every model of ``benchmarks/_zoo.py`` (two MLPs, the CNN of issue 14 and its small
-variant, the tied-embedding transformer, a depthwise-separable CNN), three candidates:
+variant, the tied-embedding transformer, a depthwise-separable CNN), four candidates:
 
 * ``grad``: non-private ``jax.grad`` of the summed loss (the baseline);
 * ``vmap_grad_clip``: ``jax.vmap(jax.grad)``, ``clipjax.per_example_clip``, sum;
-* ``clipped_grad``: ``clipjax.clipped_grad``.
+* ``clipped_grad``: ``clipjax.clipped_grad``;
+* ``jax_privacy``: jax_privacy 2.0's ``jax_privacy.clipped_grad`` (``l2_clip_norm=1.0``,
+  ``keep_batch_dim=False``: the loss of one example, vmapped; each gradient clipped to
+  L2 norm 1, summed; no noise), the same sum. Only where ``jax_privacy`` imports (the
+  ``bench`` extra); elsewhere its rows are left out and ``table`` shows ``-``.
 
-Time: all three compiled in one process; each private candidate timed interleaved
-with the baseline (medians over repeats), ``vmap_grad_clip`` in a pair of its own so
-that its traffic does not slow the fast candidates. Memory: each (model, candidate)
+Time: all candidates compiled in one process; each private candidate timed interleaved
+with the baseline (medians over repeats), the per-example ones (``vmap_grad_clip``,
+``jax_privacy``) each in a pair of its own, with half the repeats (they take 130 to 250
+times the baseline on the MLPs), so that their traffic does not slow the fast candidates.
+A row's ``baseline_median_s`` is the baseline's median in its candidate's pair, and
+``repeats`` its candidate's count. Memory: each (model, candidate)
 in a fresh process, which compiles and runs the step once, hands the memory the
 compiler freed back to the system (``malloc_trim``: glibc keeps it otherwise, and a
 larger program would look larger forever), resets the peak resident set size
@@ -21,12 +28,16 @@ same model.
 Compile time: each candidate's trace, lowering and compilation, in seconds and over
 ``grad``'s (``compile_ratio``).
 
-``python -m benchmarks --only ghost [--quick] [--large]`` records the rows (``--large``:
-the GPT-2-small- and ViT-B/16-shaped models of ``_zoo.LARGE`` instead of the zoo, tens of
-minutes on a 2-core CPU); ``python -m benchmarks.ghost_bench [--quick] [--large]
+``python -m benchmarks --only ghost [--quick] [--large]`` records the rows in
+``benchmarks/results/<backend>-ghost[-large][-quick].json`` and draws them next to it
+(``.png``; ``--large``: the GPT-2-small- and ViT-B/16-shaped models of ``_zoo.LARGE``
+instead of the zoo, tens of minutes on a 2-core CPU, in files of their own, their figure
+with compile time too); ``python -m benchmarks.ghost_bench [--quick] [--large]
 [--models a,b] [--json]`` prints the table (as Markdown with ``--markdown``; ``--models``
-picks models by name, the smaller ``_zoo.EXTRA`` shapes included); ``python -m
-benchmarks.ghost_bench --plot RESULTS.json OUT.png`` draws them.
+picks models by name, the ``_zoo.EXTRA`` shapes included); ``python -m
+benchmarks.ghost_bench --plot RESULTS.json OUT.png`` draws time and peak memory,
+``--plot-large [RESULTS.json [OUT.png]]`` time, peak memory and compile time (by
+default ``benchmarks/results/cpu-ghost-large.json`` into ``.png`` beside it).
 """
 
 import ctypes
@@ -46,12 +57,36 @@ from benchmarks import _zoo
 from benchmarks._timing import interleaved_medians
 
 _CLIP_NORM = 1.0
-_CANDIDATES = ("grad", "vmap_grad_clip", "clipped_grad")
+_CANDIDATES = ("grad", "vmap_grad_clip", "clipped_grad", "jax_privacy")
+# The per-example (vmap) paths: each timed in a pair with the baseline, fewer repeats.
+_PER_EXAMPLE = ("vmap_grad_clip", "jax_privacy")
+# The figures' candidates, in order, with their labels and colours (clipped_grad's the
+# same with or without jax_privacy).
+_LABELS = {
+  "vmap_grad_clip": ("vmap(grad) + per_example_clip", "C0"),
+  "jax_privacy": ("jax_privacy.clipped_grad", "C2"),
+  "clipped_grad": ("clipjax.clipped_grad", "C1"),
+}
 # Quick mode: the small models, fewer repeats.
 _QUICK = ("mlp_64_256_256_10", "cnn_small")
 
 
+def _jax_privacy():
+  """The ``jax_privacy`` module, or None where it (or its dp_accounting) is not installed."""
+  try:
+    import jax_privacy
+  except ImportError:
+    return None
+  return jax_privacy
+
+
+def candidates() -> tuple[str, ...]:
+  """The candidates this environment runs: ``jax_privacy`` only where it imports."""
+  return tuple(c for c in _CANDIDATES if c != "jax_privacy" or _jax_privacy() is not None)
+
+
 def _candidates(loss_fn, n_batch):
+  """Every candidate of ``candidates()``, jitted: ``fn(params, *batch)``."""
   axes = (None,) + (0,) * n_batch
 
   def grad(params, *batch):
@@ -67,6 +102,22 @@ def _candidates(loss_fn, n_batch):
     "vmap_grad_clip": vmap_grad_clip,
     "clipped_grad": clipjax.clipped_grad(loss_fn, _CLIP_NORM),
   }
+  jp = _jax_privacy()
+  if jp is not None:
+    # jax_privacy 2.0: vmap over the batch arguments (``keep_batch_dim=False``: each gets
+    # one example, as loss_fn takes it), clip_pytree of each gradient to L2 norm
+    # l2_clip_norm, sum; no noise, no normalisation. It returns the sum alone.
+    clipped = jp.clipped_grad(
+      loss_fn,
+      l2_clip_norm=_CLIP_NORM,
+      batch_argnums=tuple(range(1, n_batch + 1)),
+      keep_batch_dim=False,
+    )
+
+    def jax_privacy(params, *batch):
+      return clipped(params, *batch)
+
+    fns["jax_privacy"] = jax_privacy
   return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
@@ -118,19 +169,20 @@ def _bench_model(model, repeats):
     jax.block_until_ready(fns[name](params, *batch))
   thunks = {name: (lambda fn=fn: fn(params, *batch)) for name, fn in fns.items()}
   # Each private candidate is timed against its own interleaved baseline: the
-  # per-example path moves gigabytes on the larger models, and interleaved with the
-  # fast candidates it would slow whichever ran next.
-  fast, _ = interleaved_medians({c: thunks[c] for c in ("grad", "clipped_grad")}, repeats)
-  slow, _ = interleaved_medians({c: thunks[c] for c in ("grad", "vmap_grad_clip")}, repeats // 2)
-  ratios = {
-    "grad": 1.0,
-    "clipped_grad": fast["clipped_grad"] / fast["grad"],
-    "vmap_grad_clip": slow["vmap_grad_clip"] / slow["grad"],
-  }
-  medians = {**slow, **fast}
-  memory = {c: _memory(model, c) for c in _CANDIDATES}
+  # per-example paths move gigabytes on the larger models, and interleaved with the
+  # fast candidates they would slow whichever ran next. They run with half the repeats
+  # (130-250x the baseline on the MLPs).
+  counts = {c: max(1, repeats // 2) if c in _PER_EXAMPLE else repeats for c in fns}
+  medians, baselines = {}, {}
+  for c in ("clipped_grad", *(c for c in _PER_EXAMPLE if c in fns)):
+    pair, _ = interleaved_medians({"grad": thunks["grad"], c: thunks[c]}, counts[c])
+    medians[c], baselines[c] = pair[c], pair["grad"]
+    if c == "clipped_grad":
+      medians["grad"] = baselines["grad"] = pair["grad"]
+  ratios = {c: medians[c] / baselines[c] for c in fns}
+  memory = {c: _memory(model, c) for c in fns}
   rows = []
-  for c in _CANDIDATES:
+  for c in fns:
     rows.append(
       {
         "name": f"{model}/{c}",
@@ -138,10 +190,10 @@ def _bench_model(model, repeats):
         "candidate": c,
         "batch": int(jax.tree.leaves(batch)[0].shape[0]),
         "parameters": int(sum(np.size(p) for p in jax.tree.leaves(params))),
-        "repeats": repeats,
+        "repeats": counts[c],
         "baseline": f"{model}/grad",
         "median_s": medians[c],
-        "baseline_median_s": medians["grad"],
+        "baseline_median_s": baselines[c],
         "ratio": ratios[c],
         "ratio_vs_per_example": ratios[c] / ratios["vmap_grad_clip"],
         **memory[c],
@@ -164,7 +216,8 @@ def run(quick: bool, large: bool = False, models=None) -> list[dict]:
     models: these named models (``_zoo.build``'s names) instead.
 
   Returns:
-    Dicts with ``name``, ``baseline``, ``median_s``, ``baseline_median_s``, ``ratio``
+    Dicts with ``name``, ``model``, ``candidate`` (``candidates()``: ``jax_privacy``
+    only where it imports), ``baseline``, ``median_s``, ``baseline_median_s``, ``ratio``
     (time over the non-private baseline's), ``ratio_vs_per_example``, ``peak_rss_mb``,
     ``rss_ratio``, ``temp_mb``, ``temp_ratio``, ``compile_s`` (trace, lower and
     compile), ``compile_ratio`` and the setup.
@@ -180,7 +233,12 @@ def run(quick: bool, large: bool = False, models=None) -> list[dict]:
 
 
 def table(rows, markdown=False) -> str:
-  """One line per model: time and peak-memory ratios of both private candidates."""
+  """One line per model: time and peak-memory ratios of the private candidates.
+
+  ``jax_privacy time`` is ``-`` where its rows are missing (not installed, or results
+  recorded before it was a candidate), ``compile`` (``clipped_grad``'s) where the
+  results hold no compile times.
+  """
   by_model = {}
   for r in rows:
     by_model.setdefault(r["model"], {})[r["candidate"]] = r
@@ -189,6 +247,7 @@ def table(rows, markdown=False) -> str:
     "grad ms",
     "vmap time",
     "vmap RSS",
+    "jax_privacy time",
     "clipped_grad time",
     "clipped_grad RSS",
     "clipped_grad temp",
@@ -204,11 +263,12 @@ def table(rows, markdown=False) -> str:
         f"{1e3 * c['grad']['median_s']:.1f}",
         f"{v['ratio']:.2f}x",
         f"{v['rss_ratio']:.2f}x",
+        f"{c['jax_privacy']['ratio']:.2f}x" if "jax_privacy" in c else "-",
         f"{g['ratio']:.2f}x",
         f"{g['rss_ratio']:.2f}x",
         f"{g['temp_ratio']:.2f}x",
         f"{g['ratio_vs_per_example']:.2f}x",
-        f"{g['compile_ratio']:.2f}x" if "compile_ratio" in g else "",
+        f"{g['compile_ratio']:.2f}x" if "compile_ratio" in g else "-",
       )
     )
   if markdown:
@@ -218,8 +278,13 @@ def table(rows, markdown=False) -> str:
   return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *lines])
 
 
-def plot(rows, path) -> None:
-  """Time and peak memory of both private candidates over the non-private step, per model."""
+def plot(rows, path, compile_time=False) -> None:
+  """Each private candidate over the non-private step, per model, on a log scale.
+
+  Panels: time and peak memory, and with ``compile_time`` trace-and-compile time (the
+  figure of the large models). A candidate without rows (``jax_privacy`` where it was
+  not installed) gets no bars, a model without a value no bar.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -227,23 +292,32 @@ def plot(rows, path) -> None:
 
   models = list(dict.fromkeys(r["model"] for r in rows))
   by = {(r["model"], r["candidate"]): r for r in rows}
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-  labels = {"vmap_grad_clip": "vmap(grad) + per_example_clip", "clipped_grad": "clipped_grad"}
-  for ax, key, title in zip(axes, ("ratio", "rss_ratio"), ("time", "peak memory")):
-    for k, c in enumerate(labels):
-      values = [by[m, c][key] for m in models]
-      ax.barh([i + 0.4 * k for i in range(len(models))], values, 0.4, label=labels[c])
+  shown = [c for c in _LABELS if any(r["candidate"] == c for r in rows)]
+  panels = [("ratio", "time"), ("rss_ratio", "peak memory")]
+  if compile_time:
+    panels.append(("compile_ratio", "compile time"))
+  width = 0.8 / len(shown)
+  height = max(3.0, 1.3 + 0.25 * len(models) * len(shown))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), height), sharey=True)
+  for ax, (key, title) in zip(axes, panels):
+    for k, c in enumerate(shown):
+      at = [(i, by[m, c][key]) for i, m in enumerate(models) if key in by.get((m, c), {})]
+      label, color = _LABELS[c]
+      ax.barh([i + width * k for i, _ in at], [v for _, v in at], width, label=label, color=color)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.axvline(1.3, color="k", lw=0.8, ls="--")
     ax.set(xscale="log", title=f"{title}, relative to non-private jax.grad")
     ax.grid(True, axis="x", which="both", alpha=0.3)
-  axes[0].set_yticks([i + 0.2 for i in range(len(models))], models)
+  axes[0].set_yticks([i + width * (len(shown) - 1) / 2 for i in range(len(models))], models)
   axes[0].invert_yaxis()
   handles, names = axes[0].get_legend_handles_labels()
-  fig.legend(handles, names, loc="lower center", ncol=2, fontsize=9)
-  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.legend(handles, names, loc="lower center", ncol=len(shown), fontsize=9)
+  fig.tight_layout(rect=(0, 0.1, 1, 1))
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+LARGE_RESULTS = os.path.join("benchmarks", "results", "cpu-ghost-large.json")
 
 
 def _main(argv):
@@ -253,6 +327,11 @@ def _main(argv):
   if argv[:1] == ["--plot"]:  # --plot RESULTS.json OUT.png
     with open(argv[1]) as f:
       plot(json.load(f)["rows"], argv[2])
+    return
+  if argv[:1] == ["--plot-large"]:  # --plot-large [RESULTS.json [OUT.png]]
+    results = argv[1] if len(argv) > 1 else LARGE_RESULTS
+    with open(results) as f:
+      plot(json.load(f)["rows"], argv[2] if len(argv) > 2 else results[:-5] + ".png", True)
     return
   models = argv[argv.index("--models") + 1].split(",") if "--models" in argv else None
   rows = run("--quick" in argv, large="--large" in argv, models=models)
