@@ -19,6 +19,7 @@ weights directly.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, NamedTuple
 
@@ -164,22 +165,21 @@ def transformed_parts(analysis, leaves, records, cotangents, dtype, group_of):
   for use in analysis.uses:
     by_leaf.setdefault(use.leaf, []).append(use)
   reached = {}
-  for j, v in enumerate(analysis.virtuals):
+  for v in analysis.virtuals:
     for k, _ in v.sources:
       reached[k] = reached.get(k, 0) + 1
   fused, extra = {}, {}
   for j, v in enumerate(analysis.virtuals):
     sources = [k for k, _ in v.sources]
-    value, back = jax.vjp(
-      lambda *s, v=v: _walk.virtual_value(v, dict(zip(sources, s))), *[leaves[k] for k in sources]
-    )
+    fn = functools.partial(_walk.virtual_value, v)
+    value, back = jax.vjp(fn, *[leaves[k] for k in sources])
     alone = all(k not in by_leaf and reached[k] == 1 and k not in analysis.in_pass for k in sources)
     groups = {int(group_of[k]) for k in sources}
     ok = _walk.isometric(v) and alone and len(groups) == 1
     part = norm_parts(by_leaf[n + j], value, records, cotangents, dtype, ghost_allowed=ok)
     if ok:
       acc = [leaves[k].astype(_norms.accumulation_dtype([leaves[k]])) for k in sources]
-      _, wide = jax.vjp(lambda *s, v=v: _walk.virtual_value(v, dict(zip(sources, s))), *acc)
+      _, wide = jax.vjp(fn, *acc)
       fused[n + j] = Transformed(part, value, wide, sources)
       continue
     grads = jax.vmap(back)(part.explicit.astype(value.dtype))

@@ -447,16 +447,16 @@ def run(recipe, values: dict, memo: dict):
   return memo[key]
 
 
-def virtual_value(virtual: Virtual, leaves: list):
-  """The virtual leaf's value from the parameter leaves: the recipe, mapped over the
-  iterations of every enclosing scan that slices one of its sources."""
+def virtual_value(virtual: Virtual, *values):
+  """The virtual leaf's value from its sources' values (in the order of ``sources``):
+  the recipe, mapped over the iterations of every enclosing scan that slices one."""
   fn = lambda values: run(virtual.recipe, values, {})
   flags = virtual.scanned
   for level in reversed(range(len(flags))):
     if flags[level]:
       axes = {k: 0 if s[level] else None for k, s in virtual.sources}
       fn = jax.vmap(fn, in_axes=(axes,))
-  return fn({k: leaves[k] for k, _ in virtual.sources})
+  return fn({k: x for (k, _), x in zip(virtual.sources, values)})
 
 
 # Recipe equations whose VJP maps a gradient to one of its input's elements each, or to
