@@ -318,8 +318,8 @@ def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
   arguments may be ``jax.ShapeDtypeStruct``) and reports, by leaf path
   (``jax.tree_util.keystr``), which rule recognises each use of the leaf and in which
   form, or why the leaf falls back to the batched backward pass (an equation no rule
-  takes, ``cond`` or ``while_loop``, ``custom_vjp``, a parameter transformed before
-  use, ...). A fallback is exact; it costs what ``vmap(grad)`` costs for that leaf.
+  takes, ``cond`` or ``while_loop``, ``custom_vjp``, a penalty on the parameters
+  alone, ...). A fallback is exact; it costs what ``vmap(grad)`` costs for that leaf.
 
   Args:
     loss_fn: as for :func:`clipjax.clipped_grad`, the loss of ONE example.
@@ -336,13 +336,15 @@ def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
     >>> import jax.numpy as jnp
     >>> from clipjax import ghost
     >>> def loss(p, x):
-    ...   return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) @ jnp.sin(p["v"]))
-    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones(4)}
+    ...   h = jnp.tanh(x @ p["w"] + p["b"]) @ jnp.sin(p["v"])
+    ...   return jnp.sum(h) + jnp.sum(p["s"] ** 2)
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones(4), "s": jnp.ones(2)}
     >>> for path, leaf in ghost.plan(loss, params, jnp.ones((8, 2, 3))).items():
-    ...   print(path, leaf.form, [u.form for u in leaf.uses], leaf.reasons)
+    ...   print(path, leaf.form, [(u.form, u.through) for u in leaf.uses], leaf.reasons)
     ['b'] pass [] ('elementwise `add` with data (a small per-example gradient, by design)',)
-    ['v'] pass [] ('transformed by `sin` before use',)
-    ['w'] ghost ['ghost'] ()
+    ['s'] pass [] ('elementwise `add` with data (a small per-example gradient, by design)',)
+    ['v'] explicit [('explicit', ('sin',))] ()
+    ['w'] ghost [('ghost', ())] ()
   """
   paths = _paths(params)
   leaves, treedef = jax.tree.flatten(params)
@@ -472,10 +474,17 @@ def clipped_grad(
                               ``Linear``; with or without a sequence axis or dot batch
                               (head) axes
   ``conv_general_dilated``    1-D, 2-D and 3-D convolutions with any strides, padding,
-                              dilations and feature groups (grouped, depthwise)
+                              dilations and feature groups (grouped, depthwise);
+                              transposed convolutions from their undilated input
   ``gather``                  embedding lookups: ``table[ids]``, ``jnp.take``, flax
                               ``Embed``
   ==========================  ===========================================================
+
+  A parameter transformed before use (a kernel concatenated from several leaves, as
+  flax ``OptimizedLSTMCell`` does; ``w * g``; weight normalisation; a flipped kernel)
+  is taken by the rule as an operand of its own, and its per-example gradient is pulled
+  back to the leaves through the transformation's VJP: in Gram form where that only
+  rearranges distinct leaves used nowhere else, else from the explicit gradient.
 
   One batched forward and backward pass gives every use's input
   and output cotangent; the per-example squared norm then comes either from the Gram
@@ -489,7 +498,7 @@ def clipped_grad(
   gradient, a scatter-add for an embedding): no second backward pass. Elementwise
   parameters (biases, LayerNorm, GroupNorm and RMSNorm scales), and every leaf used in
   a way no rule recognises (inside ``cond``, ``while``, ``custom_jvp`` or
-  ``custom_vjp`` calls, transformed before use, ...), get their per-example gradient
+  ``custom_vjp`` calls, a penalty on the parameters alone, ...), get their per-example gradient
   from the same batched backward pass, as ``vmap(grad)`` would: exact, at that leaf's
   share of the per-example cost. :func:`clipjax.ghost.plan` says which leaves do and
   why.

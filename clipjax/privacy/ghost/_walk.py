@@ -6,7 +6,10 @@ primitive (``_rules.register_rule``) about every equation where a parameter (pos
 reshaped, transposed, sliced or cast: a *view* of one leaf) meets data. It looks
 inside ``jit`` calls, ``checkpoint`` (remat) bodies and ``scan`` bodies: there a leaf
 closed over by the body is *shared* by the iterations, and a leaf scanned over
-(stacked layers) is *sliced*, one slice per iteration. Every other way of using a
+(stacked layers) is *sliced*, one slice per iteration. A value computed from leaves
+and constants only (a fused kernel, ``w * g``, ``v / ‖v‖``) is *derived*: followed, with
+a recipe that recomputes it from the leaves, to the rule that takes it, where it becomes
+a *virtual* leaf of its own (``_leaves`` pulls its gradient back). Every other way of using a
 leaf (an equation no rule takes, a ``cond`` or ``while`` body, a ``custom_jvp`` /
 ``custom_vjp`` call, whose gradient its own rule defines) puts that leaf *in the
 pass*, with the reason (``clipjax.privacy.ghost.plan`` reports it): its per-example gradient
