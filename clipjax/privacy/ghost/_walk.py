@@ -548,18 +548,44 @@ def evaluate(jaxpr, consts, args, path, taps, records) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+class _Shared:
+  """Records leave a body once per value: the layers of an LSTM cell read the same
+  input and hidden state (four uses, one record each), and XLA merges the identical
+  Gram products computed from one array, not from four copies."""
+
+  def __init__(self):
+    self.index = None
+
+  def pack(self, recs, inner) -> list:
+    values, ids, self.index = [], {}, []
+    for k in inner:
+      positions = []
+      for x in recs[k]:
+        if id(x) not in ids:
+          ids[id(x)] = len(values)
+          values.append(x)
+        positions.append(ids[id(x)])
+      self.index.append(positions)
+    return values
+
+  def unpack(self, values, inner, records):
+    for k, positions in zip(inner, self.index):
+      records[k] = [values[j] for j in positions]
+
+
 def _evaluate_remat(eqn, ins, path, inner, taps, records):
   """A remat body stays rematerialised: its records are outputs, everything else is not."""
+  shared = _Shared()
 
   def body(ins, inner_taps):
     tap_map = {k: (t, taps[k][1]) for k, t in zip(inner, inner_taps)}
     recs = {}
     outs = evaluate(eqn.params["jaxpr"], [], ins, path, tap_map, recs)
-    return outs, [recs[k] for k in inner]
+    return outs, shared.pack(recs, inner)
 
   fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
   outs, recs = fn(ins, [taps[k][0] for k in inner])
-  records.update(zip(inner, recs))
+  shared.unpack(recs, inner, records)
   return outs
 
 
@@ -569,12 +595,14 @@ def _evaluate_scan(eqn, ins, path, inner, taps, records):
   closed = eqn.params["jaxpr"]
   consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
 
+  shared = _Shared()
+
   def body(carry, x):
     x, inner_taps = x
     tap_map = {k: (t, taps[k][1]) for k, t in zip(inner, inner_taps)}
     recs = {}
     outs = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *x], path, tap_map, recs)
-    return outs[:n_carry], (outs[n_carry:], [recs[k] for k in inner])
+    return outs[:n_carry], (outs[n_carry:], shared.pack(recs, inner))
 
   carry, (ys, recs) = lax.scan(
     body,
@@ -584,7 +612,7 @@ def _evaluate_scan(eqn, ins, path, inner, taps, records):
     reverse=eqn.params["reverse"],
     unroll=eqn.params["unroll"],
   )
-  records.update(zip(inner, recs))
+  shared.unpack(recs, inner, records)
   return [*carry, *ys]
 
 
