@@ -40,15 +40,20 @@ def _sum_multiplier(z, count_stddev, groups=1):
   return (z**-2 - groups * (2 * count_stddev) ** -2) ** -0.5
 
 
-def _over_multipliers(run, *data, multipliers=MULTIPLIERS):
+def _over_multipliers(run, *data, multipliers=MULTIPLIERS, optimize=False):
   """``run(z, key, *data)`` for every z in ``multipliers``, vmapped and compiled once.
 
   The data are arguments, not constants closed over: XLA would constant-fold their
-  norms at compile time.
+  norms at compile time. ``optimize`` compiles with LLVM's optimisations (XLA's default
+  level, as users compile), which tests/conftest.py turns off for the compile-bound
+  suite: for the cases that draw noise per example, whose time goes to running the
+  program (tens of millions of draws), not to compiling it. The program is the same.
   """
   keys = jax.random.split(jax.random.key(len(multipliers)), len(multipliers))
   spec = (0, 0) + (None,) * len(data)
-  return jax.jit(jax.vmap(run, in_axes=spec))(jnp.asarray(multipliers, jnp.float32), keys, *data)
+  options = {"xla_backend_optimization_level": 3} if optimize else None
+  vmapped = jax.jit(jax.vmap(run, in_axes=spec), compiler_options=options)
+  return vmapped(jnp.asarray(multipliers, jnp.float32), keys, *data)
 
 
 def _steps(tx, updates, steps, **extra):
@@ -102,7 +107,7 @@ def test_dp_aggregate_pre_clip_noise():
     tx = clipjax.dp_aggregate(clip_norm, z, key, pre_clip_noise=pre_clip_noise)
     return tx.update(grads, tx.init(None))[0]
 
-  outs = _over_multipliers(run, jnp.zeros((batch, DRAWS), jnp.float32))
+  outs = _over_multipliers(run, jnp.zeros((batch, DRAWS), jnp.float32), optimize=True)
   for i, z in enumerate(MULTIPLIERS):
     var = (z * clip_norm) ** 2 + _pre_clip_variance(pre_clip_noise, batch, DRAWS, clip_norm)
     _assert_standard_normal(np.asarray(outs[i], np.float64) * batch / math.sqrt(var), f"z={z}")
@@ -119,7 +124,8 @@ def test_adaptive_dp_aggregate_default_split(pre_clip_noise):
     tx = clipjax.adaptive_dp_aggregate(clip_norm, z, key, pre_clip_noise=pre_clip_noise)
     return _steps(tx, grads, steps)
 
-  outs, used = _over_multipliers(run, jnp.zeros((batch, dim), jnp.float32))
+  zeros = jnp.zeros((batch, dim), jnp.float32)
+  outs, used = _over_multipliers(run, zeros, optimize=pre_clip_noise > 0)
   for i, z in enumerate(MULTIPLIERS):
     c = np.asarray(used[i], np.float64)
     # All zero gradients fit (without pre-clip noise): the clip norm really moved.
