@@ -633,6 +633,15 @@ def test_bad_input_raises_naming_argument(change, name):
     clipjax.rescale(x, delta, eps, **kwargs)
 
 
+@functools.cache
+def jitted_with_lower(p):
+  """``rescale`` and ``max_norm`` under ``jit``, with the lower bound as an argument."""
+  return (
+    jax.jit(lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo)),
+    jax.jit(lambda x, d, lo: clipjax.max_norm(x, d, p=p, lower=lo)),
+  )
+
+
 @pytest.mark.parametrize(
   "x, delta, eps, lower",
   [
@@ -646,9 +655,8 @@ def test_bad_input_raises_naming_argument(change, name):
 )
 @pytest.mark.parametrize("p", [2.0, math.inf])
 def test_bad_input_under_jit_is_nan(x, delta, eps, lower, p):
-  f = jax.jit(lambda x, d, e, lo: clipjax.rescale(x, d, e, p=p, lower=lo))
+  f, g = jitted_with_lower(p)  # the inputs are arguments: one compilation serves every case
   assert np.isnan(float(f(np.array(x), np.array(delta), eps, lower)))
-  g = jax.jit(lambda x, d, lo: clipjax.max_norm(x, d, p=p, lower=lo))
   if not np.isnan(eps) and eps >= 0:
     assert np.isnan(float(g(np.array(x), np.array(delta), lower)))
 
