@@ -181,11 +181,12 @@ _BLOCKED = 1024
 
 def rounds(length: int) -> int:
   """How many roundings an entry of :func:`inner` over ``length`` passes through, at
-  most (the index of its ``γ``): ``length``, or block length plus block count."""
+  most (the index of its ``γ``): ``length``, or block length plus block count (and
+  one for a remainder)."""
   if length <= _BLOCKED:
     return length
   block = math.isqrt(length - 1) + 1
-  return block + -(-length // block)
+  return block + length // block + 1
 
 
 def depth(n: int) -> int:
@@ -208,20 +209,26 @@ def pairwise(x, axes):
 
 
 def _blocked(x, y):
-  """:func:`inner` of long dense vectors: blocks of about √L, accumulated in order."""
+  """:func:`inner` of long dense vectors: blocks of about √L, accumulated in order.
+
+  Each block is sliced inside the loop, so no copy of the factors is made (an output
+  projection's cotangent is the step's largest array)."""
   length = x.shape[-1]
   block = math.isqrt(length - 1) + 1
-  count = -(-length // block)
+  count = length // block
 
-  def split(v):
-    v = jnp.pad(v, [(0, 0)] * 3 + [(0, block * count - length)])
-    return jnp.moveaxis(v.reshape(*v.shape[:3], count, block), 3, 0)
+  def product(u, v):
+    return jnp.einsum("bhpl,bhql->bhpq", u, v, precision=_HIGHEST)
 
-  def step(total, pair):
-    return total + jnp.einsum("bhpl,bhql->bhpq", *pair, precision=_HIGHEST), None
+  def step(i, total):
+    u, v = (lax.dynamic_slice_in_dim(w, i * block, block, axis=3) for w in (x, y))
+    return total + product(u, v)
 
   zero = jnp.zeros(x.shape[:3] + y.shape[2:3], jnp.result_type(x, y))
-  return lax.scan(step, zero, (split(x), split(y)))[0]
+  total = lax.fori_loop(0, count, step, zero)
+  if count * block < length:
+    total = total + product(x[..., count * block :], y[..., count * block :])
+  return total
 
 
 def inner(x, x_indexed, y, y_indexed):
