@@ -41,6 +41,7 @@ default ``benchmarks/results/cpu-ghost-large.json`` into ``.png`` beside it).
 """
 
 import ctypes
+import functools
 import json
 import os
 import re
@@ -320,7 +321,99 @@ def plot(rows, path, compile_time=False) -> None:
 LARGE_RESULTS = os.path.join("benchmarks", "results", "cpu-ghost-large.json")
 
 
+# Shapes the zoo's layers take: (batch, blocks, positions, L, R).
+_CALIBRATION_SHAPES = (
+  (32, 1, 64, 128, 512),
+  (32, 1, 16, 256, 256),
+  (32, 4, 64, 32, 128),
+  (32, 1, 64, 128, 2048),
+  (32, 1, 256, 64, 64),
+  (64, 8, 16, 72, 8),
+  (32, 1, 32, 128, 512),
+  (32, 1, 128, 64, 256),
+  (32, 12, 64, 64, 64),
+  (32, 1, 8, 512, 512),
+  (64, 1, 256, 27, 16),
+  (8, 1, 196, 768, 64),
+)
+
+
+def calibrate(repeats: int = 7) -> dict:
+  """The weights of ``clipjax.privacy.ghost._cost`` on the default backend.
+
+  Per shape, each form's whole share of a step is timed, interleaved: the Gram form's
+  two ``P x P`` products, their elementwise product and sum, and its clipped-sum
+  contraction over examples and positions; the explicit form's per-example gradient,
+  its squared norm and its clip-weighted sum over examples. Each is fitted, by
+  non-negative least squares on relative errors, as a sum of its multiply-adds (the
+  Gram products' and the contraction's apart), its output entries and the factor
+  entries it reads, each with its own weight, reported over the explicit form's weight
+  per multiply-add.
+  """
+  from scipy.optimize import nnls
+
+  rows = []
+  rng = np.random.default_rng(0)
+  hi = jax.lax.Precision.HIGHEST
+
+  @jax.jit
+  def gram(a, g, w):
+    left = jnp.einsum("bhpl,bhql->bhpq", a, a, precision=hi)
+    right = jnp.einsum("bhpr,bhqr->bhpq", g, g, precision=hi)
+    norms = jnp.sum(left * right, axis=(1, 2, 3))
+    return norms, jnp.einsum("bhpl,bhpr->hlr", a, g * w[:, None, None, None], precision=hi)
+
+  @jax.jit
+  def explicit(a, g, w):
+    grads = jnp.einsum("bhpl,bhpr->bhlr", a, g, precision=hi)
+    norms = jnp.sum(grads * grads, axis=(1, 2, 3))
+    return norms, jnp.einsum("b,bhlr->hlr", w, grads, precision=hi)
+
+  for shape in _CALIBRATION_SHAPES:
+    a = jnp.asarray(rng.standard_normal(shape[:4]), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(shape[:3] + shape[4:]), jnp.float32)
+    w = jnp.asarray(rng.uniform(size=shape[0]), jnp.float32)
+    thunks = {
+      "gram": functools.partial(gram, a, g, w),
+      "explicit": functools.partial(explicit, a, g, w),
+    }
+    for thunk in thunks.values():
+      jax.block_until_ready(thunk())
+    med, _ = interleaved_medians(thunks, repeats)
+    rows.append({"shape": list(shape), **med})
+  batch, blocks, p, size_l, size_r = np.array([x["shape"] for x in rows], float).T
+  units = batch * blocks
+  inputs = units * p * (size_l + size_r)
+  t_g = np.array([x["gram"] for x in rows])
+  t_e = np.array([x["explicit"] for x in rows])
+  contraction = units * p * size_l * size_r
+  gram_terms = np.stack([units * p**2 * (size_l + size_r), units * p**2, contraction, inputs], 1)
+  explicit_terms = np.stack([contraction, units * size_l * size_r, inputs], 1)
+  c_g, _ = nnls(gram_terms / t_g[:, None], np.ones(len(rows)))
+  c_e, _ = nnls(explicit_terms / t_e[:, None], np.ones(len(rows)))
+  unit = c_e[0]
+  weights = {
+    "gram": c_g[0] / unit,
+    "gram_out": c_g[1] / unit,
+    "gram_sum": c_g[2] / unit,
+    "gram_in": c_g[3] / unit,
+    "explicit": 1.0,
+    "explicit_out": c_e[1] / unit,
+    "explicit_in": c_e[2] / unit,
+  }
+  for x, fg, fe in zip(rows, gram_terms @ c_g, explicit_terms @ c_e):
+    x["fitted_gram"], x["fitted_explicit"] = fg, fe
+  return {"backend": jax.default_backend(), "weights": weights, "rows": rows}
+
+
 def _main(argv):
+  if argv[:1] == ["--calibrate"]:  # --calibrate [OUT.json]
+    result = calibrate()
+    print(json.dumps(result["weights"]))
+    if len(argv) > 1:
+      with open(argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+    return
   if argv[:1] == ["--memory"]:
     print(json.dumps(_measure_memory(*argv[1:3])))
     return

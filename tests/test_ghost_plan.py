@@ -150,3 +150,50 @@ def test_register_rule_checks_its_arguments():
     ghost.register_rule("mul", _Scale())
   with pytest.raises(TypeError, match="rule"):
     ghost.register_rule(lax.mul_p, object())
+
+
+@pytest.mark.calibrated_costs
+def test_cost_weights_are_the_recorded_calibration():
+  """The CPU weights of the per-use choice are the ones the calibration recorded
+  (``python -m benchmarks.ghost_bench --calibrate``); with them the measured cheaper form
+  is chosen on every calibration shape where the two times differ by 1.5x, and on all
+  but one shape overall."""
+  import json
+  import pathlib
+
+  from clipjax.privacy.ghost import _cost
+
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / "cpu-ghost-costs.json"
+  recorded = json.loads(path.read_text())
+  w = _cost.CALIBRATED["cpu"]
+  for name, value in recorded["weights"].items():
+    assert getattr(w, name) == float(f"{value:.3g}"), name
+  assert _cost.weights("no such backend") == _cost.UNIT
+  wrong = 0
+  for row in recorded["rows"]:
+    _, blocks, positions, size_l, size_r = row["shape"]
+    shape = (blocks, positions, size_l, size_r)
+    right = (_cost.gram(*shape, w) < _cost.explicit(*shape, w)) == (row["gram"] < row["explicit"])
+    wrong += not right
+    assert right or max(row["gram"], row["explicit"]) < 1.5 * min(row["gram"], row["explicit"])
+  assert wrong <= 1
+
+
+@pytest.mark.calibrated_costs
+def test_calibrated_weights_choose_the_form_and_stay_exact():
+  """A dense layer on 64 positions, 128 -> 512 (a transformer's MLP): multiply-add
+  counts favour the Gram form, this CPU's measured weights the explicit one (whose
+  contraction serves the clipped sum too); either is exact."""
+  from clipjax.privacy.ghost import _cost
+
+  shape = (1, 64, 128, 512)
+  by_counts = _cost.gram(*shape, _cost.UNIT) < _cost.explicit(*shape, _cost.UNIT)
+  w = _cost.weights()
+  measured = _cost.gram(*shape, w) < _cost.explicit(*shape, w)
+  params = {"w": _normal(1, shape[2:])}
+  x = _normal(2, (4, 64, 128))
+  loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+  assert ghost._plan(loss, params, x)["['w']"] == ("ghost" if measured else "explicit",)
+  if jax.default_backend() == "cpu":
+    assert by_counts and not measured
+  check(loss, params, x)

@@ -56,14 +56,16 @@ def _lstm(cell, dtype=F64):
 def test_fused_lstm_kernels_keep_the_gram_form():
   """flax ``OptimizedLSTMCell`` concatenates its four gate kernels before one matrix
   product per step: the hidden kernels (shared by the steps: positions) take the Gram
-  form of the fused kernel, the input kernels (4 features) its explicit form."""
+  form of the fused kernel; the input kernels (4 features) take whichever form the
+  backend's cost weights favour, each fused kernel one use."""
   loss, params, x = _lstm(nn.OptimizedLSTMCell)
   report = ghost.plan(loss, params, x)
   cell = "['OptimizedLSTMCell_0']"
   for gate in "ifgo":
     hidden = report[f"{cell}['h{gate}']['kernel']"]
     assert hidden.form == "ghost" and hidden.uses[0].through == ("concatenate",)
-    assert report[f"{cell}['i{gate}']['kernel']"].form == "explicit"
+    inputs = report[f"{cell}['i{gate}']['kernel']"]
+    assert inputs.form in ("ghost", "explicit") and inputs.uses[0].through == ("concatenate",)
   check(loss, params, x)
 
 

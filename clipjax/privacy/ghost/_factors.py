@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 
 from clipjax import _norms
-from clipjax.privacy.ghost import _layout, _walk
+from clipjax.privacy.ghost import _cost, _layout, _walk
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -92,16 +92,20 @@ class Factors(NamedTuple):
     return self.b.shape[3]
 
   @property
-  def gram_cost(self) -> int:
-    """Per-example multiply-adds of the Gram-form squared norm."""
-    width = (1 if self.indexed else self.size_l) + self.size_r
-    return self.blocks * self.positions**2 * width
+  def gram_cost(self) -> float:
+    """Per-example relative cost of the Gram-form squared norm (``_cost``)."""
+    width_l = 1 if self.indexed else self.size_l
+    return _cost.gram(self.blocks, self.positions, width_l, self.size_r, _cost.weights())
 
   @property
-  def explicit_cost(self) -> int:
-    """Per-example multiply-adds and stores of the explicit gradient and its norm."""
-    per_position = self.size_r * (1 if self.indexed else self.size_l)
-    return self.blocks * (self.positions * per_position + self.size_l * self.size_r)
+  def explicit_cost(self) -> float:
+    """Per-example relative cost of the explicit gradient and its norm (``_cost``);
+    an indexed use scatters its rows, one multiply-add per row entry."""
+    w = _cost.weights()
+    if self.indexed:
+      rows = self.blocks * self.positions * self.size_r
+      return w.explicit * rows + w.explicit_out * self.blocks * self.size_l * self.size_r
+    return _cost.explicit(self.blocks, self.positions, self.size_l, self.size_r, w)
 
 
 def _fold(x, scanned, tail):
