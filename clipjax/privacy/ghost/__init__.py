@@ -338,8 +338,8 @@ def plan(loss_fn, params, *batch, warn: bool = False) -> dict[str, LeafPlan]:
     >>> def loss(p, x):
     ...   h = jnp.tanh(x @ p["w"] + p["b"]) @ jnp.sin(p["v"])
     ...   return jnp.sum(h) + jnp.sum(p["s"] ** 2)
-    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones(4), "s": jnp.ones(2)}
-    >>> for path, leaf in ghost.plan(loss, params, jnp.ones((8, 2, 3))).items():
+    >>> params = {"w": jnp.ones((16, 16)), "b": jnp.zeros(16), "v": jnp.ones(16), "s": jnp.ones(2)}
+    >>> for path, leaf in ghost.plan(loss, params, jnp.ones((8, 2, 16))).items():
     ...   print(path, leaf.form, [(u.form, u.through) for u in leaf.uses], leaf.reasons)
     ['b'] pass [] ('elementwise `add` with data (a small per-example gradient, by design)',)
     ['s'] pass [] ('elementwise `add` with data (a small per-example gradient, by design)',)
