@@ -115,16 +115,16 @@ def ghost_large() -> str:
   names = {"vmap": "`vmap(grad)` + clip", "peer": "jax_privacy", "ghost": "**`clipped_grad`**"}
   for r in _ghost_rows(GHOST_LARGE):
     g = r["grad"]
-    label = f"{_MODELS[r['model']][0]}, batch {g['batch']}"
+    label, step = f"{_MODELS[r['model']][0]}, batch {g['batch']}", f"{_num(g['median_s'])} s"
     for key, name in names.items():
       c = r[key]
       if c is None:
         continue
       lines.append(
-        f"| {label} | {_num(g['median_s'])} s | {name} | {_num(c['ratio'])}x "
+        f"| {label} | {step} | {name} | {_num(c['ratio'])}x "
         f"| {_num(c['rss_ratio'])}x | {_num(c['temp_ratio'])}x | {_num(c['compile_ratio'])}x |"
       )
-      label = ""
+      label = step = ""
   return "\n".join(lines) + "\n"
 
 
