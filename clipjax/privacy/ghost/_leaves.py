@@ -171,16 +171,18 @@ def transformed_parts(analysis, leaves, records, cotangents, dtype, group_of):
   fused, extra = {}, {}
   for j, v in enumerate(analysis.virtuals):
     sources = [k for k, _ in v.sources]
-    fn = functools.partial(_walk.virtual_value, v)
-    value, back = jax.vjp(fn, *[leaves[k] for k in sources])
     alone = all(k not in by_leaf and reached[k] == 1 and k not in analysis.in_pass for k in sources)
     groups = {int(group_of[k]) for k in sources}
     ok = _walk.isometric(v) and alone and len(groups) == 1
+    # A fused operand's pull-back only rearranges: taken on the leaves in the sums'
+    # precision, it maps the float32 clipped sum back without rounding it.
+    inputs = [leaves[k] for k in sources]
+    if ok:
+      inputs = [x.astype(_norms.accumulation_dtype([x])) for x in inputs]
+    value, back = jax.vjp(functools.partial(_walk.virtual_value, v), *inputs)
     part = norm_parts(by_leaf[n + j], value, records, cotangents, dtype, ghost_allowed=ok)
     if ok:
-      acc = [leaves[k].astype(_norms.accumulation_dtype([leaves[k]])) for k in sources]
-      _, wide = jax.vjp(fn, *acc)
-      fused[n + j] = Transformed(part, value, wide, sources)
+      fused[n + j] = Transformed(part, value, back, sources)
       continue
     grads = jax.vmap(back)(part.explicit.astype(value.dtype))
     for k, g in zip(sources, grads):

@@ -184,8 +184,12 @@ class Virtual(NamedTuple):
   def scanned(self) -> tuple:
     """Per enclosing scan, whether it runs over the value's leading axis (some source is
     sliced there: the value is then stacked over that scan's iterations)."""
-    flags = [s for _, s in self.sources]
-    return tuple(any(level) for level in zip(*flags))
+    return _stacked(self.sources)
+
+
+def _stacked(sources) -> tuple:
+  """Per enclosing scan, whether any of ``(leaf, scanned)`` ``sources`` is sliced there."""
+  return tuple(any(level) for level in zip(*(s for _, s in sources)))
 
 
 def _isometric(eqn) -> bool:
@@ -236,7 +240,7 @@ class _Found:
       virtual = Virtual(derived.sources, derived.recipe, derived.names)
       self.virtuals[key] = (self.n_leaves + len(self.virtuals), virtual)
     index, _ = self.virtuals[key]
-    return View(index, (), Virtual(derived.sources, (), ()).scanned)
+    return View(index, (), _stacked(derived.sources))
 
   def merge(self, other):
     self.uses += other.uses
