@@ -180,20 +180,25 @@ def test_cost_weights_are_the_recorded_calibration():
 
 
 @pytest.mark.calibrated_costs
-def test_calibrated_weights_choose_the_form_and_stay_exact():
-  """A dense layer on 64 positions, 128 -> 512 (a transformer's MLP): multiply-add
-  counts favour the Gram form, this CPU's measured weights the explicit one (whose
-  contraction serves the clipped sum too); either is exact."""
+@pytest.mark.parametrize("positions", [64, 256])
+def test_calibrated_weights_choose_the_form_and_stay_exact(positions, monkeypatch):
+  """A dense layer 128 -> 512 (a transformer's MLP): this CPU's measured weights favour
+  the explicit form (whose contraction serves the clipped sum too), which is taken on
+  256 positions; on 64 its per-example gradients (65536 entries) would outgrow the
+  factors (40960), so the memory budget (its floor lifted) keeps the Gram form. Either
+  is exact."""
   from clipjax.privacy.ghost import _cost
 
-  shape = (1, 64, 128, 512)
-  by_counts = _cost.gram(*shape, _cost.UNIT) < _cost.explicit(*shape, _cost.UNIT)
+  monkeypatch.setattr(_cost, "FLOOR", 0)
+  shape = (1, positions, 128, 512)
   w = _cost.weights()
   measured = _cost.gram(*shape, w) < _cost.explicit(*shape, w)
+  held = _cost.held(4 * 128 * 512, 4 * positions * (128 + 512))
   params = {"w": _normal(1, shape[2:])}
-  x = _normal(2, (4, 64, 128))
+  x = _normal(2, (4, positions, 128))
   loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
-  assert ghost._plan(loss, params, x)["['w']"] == ("ghost" if measured else "explicit",)
+  form = "explicit" if held and not measured else "ghost"
+  assert ghost._plan(loss, params, x)["['w']"] == (form,)
   if jax.default_backend() == "cpu":
-    assert by_counts and not measured
+    assert not measured and held == (positions == 256)
   check(loss, params, x)

@@ -255,7 +255,8 @@ class UsePlan(NamedTuple):
     primitive: the primitive's name (``"dot_general"``, ...).
     rule: the name of the rule's class.
     form: ``"ghost"`` (its norm from the Gram form of its factors) or ``"explicit"``
-      (its per-example gradient as one batched contraction), whichever costs less.
+      (its per-example gradient as one batched contraction), whichever costs less,
+      the explicit form only where its gradients are no larger than the factors.
     through: for a parameter transformed before use (a fused kernel, ``w * g``), the
       primitives that transform it (empty for a direct use): the rule takes the
       transformed operand and its per-example gradient is pulled back to this leaf
@@ -490,7 +491,9 @@ def clipped_grad(
   and output cotangent; the per-example squared norm then comes either from the Gram
   form (``Σ_{t,s} (x_t·x_s)(g_t·g_s)`` over positions, ``[id_t = id_s] g_t·g_s`` for an
   embedding: Li et al. 2022) or from the per-example gradient itself computed as one
-  batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022). A leaf
+  batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022), the
+  latter only where the per-example gradients hold no more entries than the factors
+  they come from (they are kept until the clip weights are known). A leaf
   used several times (an embedding tied to the output projection, a layer applied
   twice, a layer shared by a scan's iterations) gets the norm of the sum over its uses,
   cross terms included. The clipped sum is one contraction per use of its inputs and

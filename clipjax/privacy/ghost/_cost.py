@@ -50,6 +50,24 @@ class Weights(NamedTuple):
   source: str
 
 
+# The explicit form keeps every example's gradient until the clip weights are known
+# (every explicit leaf's at once); the Gram form keeps nothing beyond its factors,
+# which the step holds anyway. A use takes the explicit form only where its gradients,
+# over the batch, hold at most HELD entries per entry of its factors, or FLOOR
+# entries in all (64 MiB in float32): clipping then adds memory in proportion to the
+# activations, never batch x parameters (a GPT-2 MLP kernel at batch 4, T 256: 113M
+# entries against 47M in its factors; a tied 32k vocabulary at batch 32: 131M
+# against 66M).
+HELD = 1.0
+FLOOR = 2**24
+
+
+def held(entries: int, factor_entries: int) -> bool:
+  """Whether an explicit form of ``entries`` (over the batch) fits the memory budget,
+  for factors of ``factor_entries``."""
+  return entries <= max(HELD * factor_entries, FLOOR)
+
+
 UNIT = Weights(1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, "multiply-add counts (not calibrated)")
 
 # Fitted on this project's 2-core CPU: benchmarks/results/cpu-ghost-costs.json.

@@ -25,12 +25,12 @@ computed from to be an *upper bound* of the norm of what enters the sum, for eve
 input: a norm that comes out low lets an example through unclipped. Two things make
 the Gram form come out low in floating point, and both are closed here:
 
-* *Range.* Where some example's factors lie outside the range in which products of
-  four of them stay representable (read off the Gram diagonals that the norms need
-  anyway, so the common case costs nothing), :func:`scaled` divides every example's
-  ``a`` and ``b`` by the powers of two of their largest magnitudes (exact) before any
-  inner product, and the Gram form is taken again; the powers are carried as an
-  exponent.
+* *Range.* The Gram form takes every example's ``a`` and ``b`` divided by the powers
+  of two of their largest magnitudes (:func:`shifts`: exact, and applied slice by
+  slice inside the inner products, so nothing is copied), which keeps every product
+  of four factors representable; the powers are carried as an exponent. On data in
+  range this changes no rounding, so one computation serves every input (no second,
+  scaled pass to compile).
 * *Cancellation.* ``Σ_{p,q} λ_pq ρ_pq`` cancels (near-identical positions with nearly
   opposite cotangents), and its rounding error scales with ``Σ|λ_pq ρ_pq|``, not with
   the result. :func:`cross` and :func:`against` return, next to each value, a bound
@@ -96,6 +96,13 @@ class Factors(NamedTuple):
     """Per-example relative cost of the Gram-form squared norm (``_cost``)."""
     width_l = 1 if self.indexed else self.size_l
     return _cost.gram(self.blocks, self.positions, width_l, self.size_r, _cost.weights())
+
+  @property
+  def explicit_held(self) -> bool:
+    """Whether the explicit form's gradients fit the memory budget (``_cost.held``)."""
+    width_l = 1 if self.indexed else self.size_l
+    factors = self.b.shape[0] * self.blocks * self.positions * (width_l + self.size_r)
+    return _cost.held(self.b.shape[0] * self.blocks * self.size_l * self.size_r, factors)
 
   @property
   def explicit_cost(self) -> float:
@@ -212,16 +219,22 @@ def pairwise(x, axes):
   return x[..., 0]
 
 
-def _blocked(x, y):
+def _shifted(x, shift):
+  """``x`` divided per example by ``2^shift`` (exact; ``shift`` None leaves it)."""
+  return x if shift is None else _norms.times_pow2(x, -_per_example(shift, x))
+
+
+def _blocked(x, y, sx, sy):
   """:func:`inner` of long dense vectors: blocks of about √L, accumulated in order.
 
-  Each block is sliced inside the loop, so no copy of the factors is made (an output
-  projection's cotangent is the step's largest array)."""
+  Each block is sliced (and shifted) inside the loop, so no copy of the factors is
+  made (an output projection's cotangent is the step's largest array)."""
   length = x.shape[-1]
   block = math.isqrt(length - 1) + 1
   count = length // block
 
   def product(u, v):
+    u, v = _shifted(u, sx), _shifted(v, sy)
     return jnp.einsum("bhpl,bhql->bhpq", u, v, precision=_HIGHEST)
 
   def step(i, total):
@@ -235,8 +248,9 @@ def _blocked(x, y):
   return total
 
 
-def inner(x, x_indexed, y, y_indexed):
-  """``(batch, H, P, Q)`` inner products of ``x``'s and ``y``'s vectors over ``L``."""
+def inner(x, x_indexed, y, y_indexed, sx=None, sy=None):
+  """``(batch, H, P, Q)`` inner products of ``x``'s and ``y``'s vectors over ``L``, the
+  dense ones divided per example by ``2^sx`` and ``2^sy`` first (None: as they are)."""
   if x_indexed and y_indexed:
     return (x[..., :, None] == y[..., None, :]).astype(jnp.float32)
   if x_indexed:
@@ -244,13 +258,14 @@ def inner(x, x_indexed, y, y_indexed):
     picked = jnp.take_along_axis(
       y, jnp.broadcast_to(x[:, :, None, :], y.shape[:3] + x.shape[-1:]), axis=3
     )
-    return picked.swapaxes(2, 3)
+    return _shifted(picked, sy).swapaxes(2, 3)
   if y_indexed:
-    return inner(y, True, x, False).swapaxes(2, 3)
+    return inner(y, True, x, False, sy, sx).swapaxes(2, 3)
+  if x.shape[-1] > _BLOCKED:
+    return _blocked(x, y, sx, sy)
+  x, y = _shifted(x, sx), _shifted(y, sy)
   if x.shape[2] == 1 and y.shape[2] == 1:
     return jnp.sum(x * y, axis=-1)[..., None]
-  if x.shape[-1] > _BLOCKED:
-    return _blocked(x, y)
   return jnp.einsum("bhpl,bhql->bhpq", x, y, precision=_HIGHEST)
 
 
@@ -267,19 +282,25 @@ class Normalized(NamedTuple):
   """A use's factors as the Gram form takes them, with the norms of its positions.
 
   Attributes:
-    factors: ``a`` and ``b`` as they are, or divided per example by powers of two
-      (:func:`scaled`; indices are left alone): example ``i``'s gradient is
-      ``2^exponent_i · Σ_p a_ip ⊗ b_ip``.
-    exponent: ``(batch,)`` int32 (zeros for factors as they are).
-    norm_a: ``(batch, H, P)`` upper bounds of the norms ``‖a_hp‖`` (ones for one-hot
+    factors: ``a`` and ``b`` as they are.
+    shift_a: ``(batch,)`` int32: the Gram form takes ``a`` divided by ``2^shift_a``
+      per example (:func:`shifts`; zeros for indices), slice by slice, never copied.
+    shift_b: the same for ``b``. Example ``i``'s gradient is ``2^exponent_i · Σ_p
+      a'_ip ⊗ b'_ip`` for the divided factors ``a'``, ``b'``.
+    norm_a: ``(batch, H, P)`` upper bounds of the norms ``‖a'_hp‖`` (ones for one-hot
       rows), read off the Gram diagonal.
-    norm_b: ``(batch, H, P)`` upper bounds of the norms ``‖b_hp‖``.
+    norm_b: ``(batch, H, P)`` upper bounds of the norms ``‖b'_hp‖``.
   """
 
   factors: Factors
-  exponent: jax.Array
+  shift_a: jax.Array
+  shift_b: jax.Array
   norm_a: jax.Array
   norm_b: jax.Array
+
+  @property
+  def exponent(self) -> jax.Array:
+    return self.shift_a + self.shift_b
 
   @property
   def spread(self) -> jax.Array:
@@ -312,16 +333,13 @@ def _per_example(v, like):
   return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
 
-def scaled(f: Factors) -> tuple[Factors, jax.Array]:
-  """``f`` divided per example by the powers of two of its factors' largest magnitudes
-  (exact), and the exponent that undoes it: no inner product of four such factors
-  leaves the float range."""
+def shifts(f: Factors) -> tuple[jax.Array, jax.Array]:
+  """Per example, the powers of two of ``a``'s and ``b``'s largest magnitudes: divided
+  by them (exact), no inner product of four factors leaves the float range, and on
+  data in range every rounding is what it would be undivided."""
   eb = _top_exponent(f.b)
-  b = _norms.times_pow2(f.b, -_per_example(eb, f.b))
-  if f.indexed:
-    return f._replace(b=b), eb
-  ea = _top_exponent(f.a)
-  return f._replace(a=_norms.times_pow2(f.a, -_per_example(ea, f.a)), b=b), ea + eb
+  ea = jnp.zeros_like(eb) if f.indexed else _top_exponent(f.a)
+  return ea, eb
 
 
 def _diagonal_norms(gram, length: int):
@@ -332,30 +350,19 @@ def _diagonal_norms(gram, length: int):
   return jnp.sqrt(jnp.maximum(widened, 0)) * (1 + 2 * unit_roundoff(dtype))
 
 
-def own(f: Factors, exponent) -> tuple[Normalized, Scaled, jax.Array]:
-  """A use's own squared norm ``⟨G_i, G_i⟩``, certified (see :func:`cross`), with the
-  norms of its positions read off its Gram diagonals, and whether every example's
-  factors lay in the range where the Gram form needs no scaling first.
-
-  ``exponent`` is what :func:`scaled` returned, or None for factors as they are.
-  """
-  left = inner(f.a, f.indexed, f.a, f.indexed).astype(f.b.dtype)
-  right = inner(f.b, False, f.b, False)
+def own(f: Factors) -> tuple[Normalized, Scaled]:
+  """A use's own squared norm ``⟨G_i, G_i⟩``, certified (see :func:`cross`), taken on
+  its factors divided by :func:`shifts`, with the norms of its positions read off
+  its Gram diagonals."""
+  sa, sb = shifts(f)
+  left = inner(f.a, f.indexed, f.a, f.indexed, sa, sa).astype(f.b.dtype)
+  right = inner(f.b, False, f.b, False, sb, sb)
   if f.indexed:
     norm_a = jnp.ones(right.shape[:3], right.dtype)
   else:
     norm_a = _diagonal_norms(left, f.size_l)
-  n = Normalized(f, exponent, norm_a, _diagonal_norms(right, f.size_r))
-  if exponent is None:
-    n = n._replace(exponent=jnp.zeros(right.shape[0], jnp.int32))
-  # Squared position norms within 2^±w (w half the exponent range, less the room a
-  # million products need) keep every Gram product and sum in range.
-  w = (jnp.finfo(right.dtype).maxexp - 28) // 2
-  in_range = jnp.ones((), bool)
-  for gram in (right,) if f.indexed else (left, right):
-    top = jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=(1, 2))
-    in_range &= jnp.all((top == 0) | ((top >= 2.0**-w) & (top <= 2.0**w)))
-  return n, _term(n, n, left, right, _self_pairs(f)), in_range
+  n = Normalized(f, sa, sb, norm_a, _diagonal_norms(right, f.size_r))
+  return n, _term(n, n, left, right, _self_pairs(f))
 
 
 def _self_pairs(f):
@@ -426,9 +433,11 @@ def cross(f: Normalized, g: Normalized, swapped: bool = False) -> Scaled:
   fa, ga = f.factors, g.factors
   if swapped:
     pairs = ((fa.a, fa.indexed, ga.b, False), (fa.b, False, ga.a, ga.indexed))
+    shifts = ((f.shift_a, g.shift_b), (f.shift_b, g.shift_a))
   else:
     pairs = ((fa.a, fa.indexed, ga.a, ga.indexed), (fa.b, False, ga.b, False))
-  left, right = (inner(*pair) for pair in pairs)
+    shifts = ((f.shift_a, g.shift_a), (f.shift_b, g.shift_b))
+  left, right = (inner(*pair, *shift) for pair, shift in zip(pairs, shifts))
   return _term(f, g, left.astype(right.dtype), right, pairs, swapped)
 
 
@@ -517,13 +526,14 @@ def against(f: Normalized, s, s_exponent, s_norm) -> Scaled:
   """
   fa = f.factors
   dtype = fa.b.dtype
+  b = _shifted(fa.b, f.shift_b)
   if fa.indexed:
     picked = jnp.take_along_axis(s, fa.a[..., None], axis=2)  # (batch, H, P, R)
-    value = jnp.sum(picked * fa.b, axis=(1, 2, 3))
+    value = jnp.sum(picked * b, axis=(1, 2, 3))
     n = math.prod(fa.b.shape[1:])
   else:
-    sb = jnp.einsum("bhlr,bhpr->bhpl", s, fa.b, precision=_HIGHEST)
-    value = pairwise(sb * fa.a, (1, 2, 3))
+    sb = jnp.einsum("bhlr,bhpr->bhpl", s, b, precision=_HIGHEST)
+    value = pairwise(sb * _shifted(fa.a, f.shift_a), (1, 2, 3))
     n = fa.size_r + depth(fa.blocks * fa.positions * fa.size_l) + 1
   widen = gamma(n + fa.positions + fa.size_l + fa.size_r + 16, dtype)
   spread = jnp.sum(f.spread, axis=1)

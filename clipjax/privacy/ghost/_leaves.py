@@ -5,7 +5,7 @@ applied twice, the iterations of a scan), so its squared norm is
 ``Σ_a ‖G_a‖² + 2 Σ_{a<b} ⟨G_a, G_b⟩``. Each use is taken either in *ghost* form (the
 Gram form of its factors, never the gradient itself) or *explicitly* (its per-example
 gradient, one batched contraction), whichever costs less for its shapes (Bu, Mao & Xu,
-2022). Two ghost uses pair through their factors when they lay the leaf out alike (or
+2022), the explicit form only where its gradients fit ``_cost.HELD``. Two ghost uses pair through their factors when they lay the leaf out alike (or
 transposed, as an embedding's lookup and its tied output projection do) or touch
 disjoint elements (slices of a stacked leaf); otherwise the cheaper one goes explicit.
 A ghost use pairs with the explicit ones through their sum ``S_i``.
@@ -65,7 +65,10 @@ def _relation(a: _layout.Layout, b: _layout.Layout, leaf_shape) -> str | None:
 def _choose(uses, factors, layouts, leaf_shape, allowed) -> tuple[list[bool], dict]:
   """Ghost or explicit for every use, and how every two ghost uses pair."""
   ghost = [
-    allowed and u.isometric and lay.injective and f.gram_cost < f.explicit_cost
+    allowed
+    and u.isometric
+    and lay.injective
+    and (f.gram_cost < f.explicit_cost or not f.explicit_held)
     for u, f, lay in zip(uses, factors, layouts)
   ]
   relations = {}
@@ -118,19 +121,9 @@ def norm_parts(uses, leaf, records, cotangents, dtype, extra=None, ghost_allowed
       terms.append((1, square))
       slack.append(s)
   if gram:
-    # As the factors are, unless some example's lie out of the Gram form's range;
-    # then again, scaled by powers of two (the cond runs only one branch).
-    first, in_range = _gram_terms(uses, factors, gram, relations, weighted, explicit, False)
-    multiplicities = [m for m, _ in first[0]]
-    parts = lax.cond(
-      in_range,
-      lambda: ([t for _, t in first[0]], first[1]),
-      lambda: (lambda r: ([t for _, t in r[0]], r[1]))(
-        _gram_terms(uses, factors, gram, relations, weighted, explicit, True)[0]
-      ),
-    )
-    terms += list(zip(multiplicities, parts[0]))
-    slack += parts[1]
+    gram_terms, gram_slack = _gram_terms(uses, factors, gram, relations, weighted, explicit)
+    terms += gram_terms
+    slack += gram_slack
   mixed = explicit is not None and bool(gram)
   return Leaf(terms, slack, explicit, mixed, [u for u, g in zip(uses, ghost) if g])
 
@@ -196,16 +189,13 @@ def transformed_parts(analysis, leaves, records, cotangents, dtype, group_of):
   return parts, fused, extra
 
 
-def _gram_terms(uses, factors, gram, relations, weighted, explicit, scale):
+def _gram_terms(uses, factors, gram, relations, weighted, explicit):
   """The Gram-form terms and slacks of the uses ``gram`` (indices), with the explicit
-  part's if any, and whether all factors lay in range."""
+  part's if any."""
   prepared, terms, slack = {}, [], []
-  in_range = jnp.ones((), bool)
   for i in gram:
-    f, exponent = _factors.scaled(factors[i]) if scale else (factors[i], None)
-    n, term, ok = _factors.own(f, exponent)
+    n, term = _factors.own(factors[i])
     prepared[i] = n
-    in_range &= ok
     terms.append((1, term))
     slack.append(_factors.contraction_slack(n, weighted[i]))
   for i, j in itertools.combinations(gram, 2):
@@ -223,7 +213,7 @@ def _gram_terms(uses, factors, gram, relations, weighted, explicit, scale):
       terms.append((2, _factors.against(prepared[i], blocks, e, own.unit)))
     square = own.unit * own.unit
     terms.append((1, _factors.Scaled(square, 2 * e, jnp.zeros_like(square))))
-  return (terms, slack), in_range
+  return terms, slack
 
 
 def root(terms, slack=()) -> _norms.Norms:
