@@ -5,7 +5,8 @@ applied twice, the iterations of a scan), so its squared norm is
 ``Σ_a ‖G_a‖² + 2 Σ_{a<b} ⟨G_a, G_b⟩``. Each use is taken either in *ghost* form (the
 Gram form of its factors, never the gradient itself) or *explicitly* (its per-example
 gradient, one batched contraction), whichever costs less for its shapes (Bu, Mao & Xu,
-2022), the explicit form only where its gradients fit ``_cost.HELD``. Two ghost uses pair through their factors when they lay the leaf out alike (or
+2022), the explicit form only where its gradients fit the memory budget (``_cost.held``).
+Two ghost uses pair through their factors when they lay the leaf out alike (or
 transposed, as an embedding's lookup and its tied output projection do) or touch
 disjoint elements (slices of a stacked leaf); otherwise the cheaper one goes explicit.
 A ghost use pairs with the explicit ones through their sum ``S_i``.
