@@ -260,8 +260,8 @@ def test_group_wise_clip_norms():
 
 @pytest.mark.parametrize(
   "positions, width, vocabulary, tolerance",
-  [(48, 128, 128, 6e-5), (16, 32, 6000, 1e-3)],
-  ids=["many positions", "long inner products"],
+  [(48, 128, 128, 6e-5), (16, 32, 6000, 1e-3), (33, 64, 6000, 1e-3)],
+  ids=["many positions", "long inner products", "long inner products, Gram by quarters"],
 )
 def test_benign_norms_are_tight_at_scale(positions, width, vocabulary, tolerance):
   """The certified bound stays small on benign data where its worst case is large: many
@@ -283,6 +283,25 @@ def test_benign_norms_are_tight_at_scale(positions, width, vocabulary, tolerance
   _, norms = clipjax.clipped_grad(_dense_loss, 1.0)(w, x, c)
   over = np.asarray(norms, np.float64) / exact - 1
   assert np.all(over >= -1e-6) and np.all(over <= tolerance), over
+
+
+@pytest.mark.parametrize("positions", [32, 33, 40])
+def test_long_gram_by_quarters_within_its_rounding_bound(positions):
+  """A long Gram matrix formed by quarters (its symmetry) is the full one: every entry
+  of every example within ``γ_rounds(L) ‖x_p‖‖x_q‖`` of float64, with per-example
+  shifts, and exactly symmetric."""
+  from clipjax.privacy.ghost import _factors
+
+  rng = np.random.default_rng(positions)
+  x = (1 + 0.3 * rng.standard_normal((3, 2, positions, 1500))) * rng.uniform(0.5, 2, (3, 2, 1, 1))
+  shift = np.array([-3, 0, 5], np.int32)
+  got = np.asarray(_factors.inner(*(jnp.asarray(x, F32), False) * 2, *(jnp.asarray(shift),) * 2))
+  xs = np.asarray(jnp.asarray(x, F32), np.float64) * 2.0 ** -shift[:, None, None, None]
+  want = np.einsum("bhpl,bhql->bhpq", xs, xs)
+  norms = np.linalg.norm(xs, axis=-1)
+  bound = _factors.gamma(_factors.rounds(1500), F32) * norms[..., :, None] * norms[..., None, :]
+  assert np.all(np.abs(got - want) <= bound)
+  np.testing.assert_array_equal(got, got.swapaxes(2, 3))
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-19, 1e-12, 1.0, 1e12, 1e20, 1e30])

@@ -256,7 +256,8 @@ class UsePlan(NamedTuple):
     rule: the name of the rule's class.
     form: ``"ghost"`` (its norm from the Gram form of its factors) or ``"explicit"``
       (its per-example gradient as one batched contraction), whichever costs less,
-      the explicit form only where its gradients are no larger than the factors.
+      the explicit form only where its gradients fit the memory budget (no more
+      entries than the factors, or 64 MiB in float32).
     through: for a parameter transformed before use (a fused kernel, ``w * g``), the
       primitives that transform it (empty for a direct use): the rule takes the
       transformed operand and its per-example gradient is pulled back to this leaf
@@ -493,7 +494,7 @@ def clipped_grad(
   embedding: Li et al. 2022) or from the per-example gradient itself computed as one
   batched contraction, whichever costs less for the shapes (Bu, Mao & Xu 2022), the
   latter only where the per-example gradients hold no more entries than the factors
-  they come from (they are kept until the clip weights are known). A leaf
+  they come from, or 2^24 in all (they are kept until the clip weights are known). A leaf
   used several times (an embedding tied to the output projection, a layer applied
   twice, a layer shared by a scan's iterations) gets the norm of the sum over its uses,
   cross terms included. The clipped sum is one contraction per use of its inputs and
