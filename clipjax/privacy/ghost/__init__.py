@@ -509,8 +509,9 @@ def clipped_grad(
 
   The norms are certified: each is an upper bound, in the arithmetic actually used,
   of the norm of what the example contributes to the sum, whatever the input (Gram
-  sums that cancel carry a rigorous bound of their rounding error; factors out of
-  range are scaled by powers of two before any inner product), so a crafted example
+  sums that cancel carry a rigorous bound of their rounding error; every example's
+  factors are divided by powers of two before any inner product, exactly, so that
+  none leaves the float range), so a crafted example
   can be over-clipped but never passes unclipped. On benign data the bound is of the
   order of the unit roundoff times the layer widths (``ghost._factors`` derives it).
 
