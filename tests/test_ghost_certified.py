@@ -285,21 +285,23 @@ def test_benign_norms_are_tight_at_scale(positions, width, vocabulary, tolerance
   assert np.all(over >= -1e-6) and np.all(over <= tolerance), over
 
 
-@pytest.mark.parametrize("positions", [32, 33, 40])
-def test_long_gram_by_quarters_within_its_rounding_bound(positions):
-  """A long Gram matrix formed by quarters (its symmetry) is the full one: every entry
-  of every example within ``γ_rounds(L) ‖x_p‖‖x_q‖`` of float64, with per-example
-  shifts, and exactly symmetric."""
+@pytest.mark.parametrize("positions, length", [(32, 1500), (33, 1500), (128, 300), (129, 300)])
+def test_gram_by_quarters_within_its_rounding_bound(positions, length):
+  """A Gram matrix formed by quarters (its symmetry: long vectors, in blocks, or many
+  positions) is the full one: every entry of every example within
+  ``γ_rounds(L) ‖x_p‖‖x_q‖`` of float64, with per-example shifts, and exactly
+  symmetric."""
   from clipjax.privacy.ghost import _factors
 
   rng = np.random.default_rng(positions)
-  x = (1 + 0.3 * rng.standard_normal((3, 2, positions, 1500))) * rng.uniform(0.5, 2, (3, 2, 1, 1))
+  x = 1 + 0.3 * rng.standard_normal((3, 2, positions, length))
+  x = x * rng.uniform(0.5, 2, (3, 2, 1, 1))
   shift = np.array([-3, 0, 5], np.int32)
   got = np.asarray(_factors.inner(*(jnp.asarray(x, F32), False) * 2, *(jnp.asarray(shift),) * 2))
   xs = np.asarray(jnp.asarray(x, F32), np.float64) * 2.0 ** -shift[:, None, None, None]
   want = np.einsum("bhpl,bhql->bhpq", xs, xs)
   norms = np.linalg.norm(xs, axis=-1)
-  bound = _factors.gamma(_factors.rounds(1500), F32) * norms[..., :, None] * norms[..., None, :]
+  bound = _factors.gamma(_factors.rounds(length), F32) * norms[..., :, None] * norms[..., None, :]
   assert np.all(np.abs(got - want) <= bound)
   np.testing.assert_array_equal(got, got.swapaxes(2, 3))
 

@@ -188,8 +188,6 @@ def to_blocks(use, leaf):
 # rounding bound is γ of about 2√L instead of γ_L (a 32000-token vocabulary: 90x
 # tighter, which is what keeps benign norms within 1e-3 of exact on a language model).
 _BLOCKED = 1024
-# A long Gram matrix with at least twice this many positions is formed by quarters.
-_HALVED = 16
 
 
 def rounds(length: int) -> int:
@@ -226,47 +224,47 @@ def _shifted(x, shift):
   return x if shift is None else _norms.times_pow2(x, -_per_example(shift, x))
 
 
-def _blocked(x, y, sx, sy):
+def _products(u, v, half):
+  """The inner products of ``u``'s and ``v``'s vectors: all of them, or for a Gram
+  matrix (``half`` > 0: ``u`` is ``v``) its two diagonal quarters and the upper one."""
+  einsum = lambda p, q: jnp.einsum("bhpl,bhql->bhpq", p, q, precision=_HIGHEST)
+  if not half:
+    return (einsum(u, v),)
+  top, bottom = u[:, :, :half], u[:, :, half:]
+  return einsum(top, top), einsum(top, bottom), einsum(bottom, bottom)
+
+
+def _assembled(parts):
+  if len(parts) == 1:
+    return parts[0]
+  upper, corner, lower = parts
+  rows = (jnp.concatenate([upper, corner], 3), jnp.concatenate([corner.swapaxes(2, 3), lower], 3))
+  return jnp.concatenate(rows, 2)
+
+
+def _blocked(x, y, sx, sy, half):
   """:func:`inner` of long dense vectors: blocks of about √L, accumulated in order.
 
   Each block is sliced (and shifted) inside the loop, so no copy of the factors is
-  made (an output projection's cotangent is the step's largest array). A Gram matrix
-  (``x`` is ``y``) is symmetric: its two diagonal quarters and one off-diagonal quarter
-  are formed, three quarters of the work (the vocabulary-wide Gram of a language
-  model's output projection is its largest), and every entry is still one inner
-  product summed the same way."""
+  made (an output projection's cotangent is the step's largest array)."""
   length = x.shape[-1]
   block = math.isqrt(length - 1) + 1
   count = length // block
-  half = x.shape[2] // 2 if x is y and sx is sy and x.shape[2] >= 2 * _HALVED else 0
 
   def product(u, v):
-    u, v = _shifted(u, sx), _shifted(v, sy)
-    einsum = lambda p, q: jnp.einsum("bhpl,bhql->bhpq", p, q, precision=_HIGHEST)
-    if not half:
-      return (einsum(u, v),)
-    top, bottom = u[:, :, :half], u[:, :, half:]
-    return einsum(top, top), einsum(top, bottom), einsum(bottom, bottom)
+    return _products(_shifted(u, sx), _shifted(v, sy), half)
 
   def step(i, totals):
     u, v = (lax.dynamic_slice_in_dim(w, i * block, block, axis=3) for w in (x, y))
     return tuple(t + p for t, p in zip(totals, product(u, v)))
 
-  zero = lambda p, q: jnp.zeros(x.shape[:2] + (p, q), jnp.result_type(x, y))
-  if half:
-    rest = x.shape[2] - half
-    zeros = (zero(half, half), zero(half, rest), zero(rest, rest))
-  else:
-    zeros = (zero(x.shape[2], y.shape[2]),)
+  zeros = jax.eval_shape(product, x[..., :1], y[..., :1])
+  zeros = tuple(jnp.zeros(z.shape, z.dtype) for z in zeros)
   totals = lax.fori_loop(0, count, step, zeros)
   if count * block < length:
     tail = product(x[..., count * block :], y[..., count * block :])
     totals = tuple(t + p for t, p in zip(totals, tail))
-  if not half:
-    return totals[0]
-  upper, corner, lower = totals
-  rows = (jnp.concatenate([upper, corner], 3), jnp.concatenate([corner.swapaxes(2, 3), lower], 3))
-  return jnp.concatenate(rows, 2)
+  return _assembled(totals)
 
 
 def inner(x, x_indexed, y, y_indexed, sx=None, sy=None):
@@ -282,12 +280,16 @@ def inner(x, x_indexed, y, y_indexed, sx=None, sy=None):
     return _shifted(picked, sy).swapaxes(2, 3)
   if y_indexed:
     return inner(y, True, x, False, sy, sx).swapaxes(2, 3)
+  # A Gram matrix is symmetric: by quarters, three of four products are formed, and
+  # every entry is still one inner product summed the same way. Worth its extra
+  # kernels where the products are many: long vectors (a vocabulary) or many positions.
+  gram = x is y and sx is sy
   if x.shape[-1] > _BLOCKED:
-    return _blocked(x, y, sx, sy)
+    return _blocked(x, y, sx, sy, x.shape[2] // 2 if gram and x.shape[2] >= 32 else 0)
   x, y = _shifted(x, sx), _shifted(y, sy)
   if x.shape[2] == 1 and y.shape[2] == 1:
     return jnp.sum(x * y, axis=-1)[..., None]
-  return jnp.einsum("bhpl,bhql->bhpq", x, y, precision=_HIGHEST)
+  return _assembled(_products(x, y, x.shape[2] // 2 if gram and x.shape[2] >= 128 else 0))
 
 
 class Scaled(NamedTuple):
