@@ -26,11 +26,11 @@ input: a norm that comes out low lets an example through unclipped. Two things m
 the Gram form come out low in floating point, and both are closed here:
 
 * *Range.* The Gram form takes every example's ``a`` and ``b`` divided by the powers
-  of two of their largest magnitudes (:func:`shifts`: exact, and applied slice by
-  slice inside the inner products, so nothing is copied), which keeps every product
-  of four factors representable; the powers are carried as an exponent. On data in
-  range this changes no rounding, so one computation serves every input (no second,
-  scaled pass to compile).
+  of two of their largest magnitudes (:func:`shifts`: exact, and applied inside the
+  inner products, slice by slice for long vectors, which are never copied), which
+  keeps every product of four factors representable; the powers are carried as an
+  exponent. On data in range this changes no rounding, so one computation serves
+  every input (no second, scaled pass to compile).
 * *Cancellation.* ``Σ_{p,q} λ_pq ρ_pq`` cancels (near-identical positions with nearly
   opposite cotangents), and its rounding error scales with ``Σ|λ_pq ρ_pq|``, not with
   the result. :func:`cross` and :func:`against` return, next to each value, a bound
@@ -307,7 +307,7 @@ class Normalized(NamedTuple):
   Attributes:
     factors: ``a`` and ``b`` as they are.
     shift_a: ``(batch,)`` int32: the Gram form takes ``a`` divided by ``2^shift_a``
-      per example (:func:`shifts`; zeros for indices), slice by slice, never copied.
+      per example (:func:`shifts`; zeros for indices), inside the inner products.
     shift_b: the same for ``b``. Example ``i``'s gradient is ``2^exponent_i · Σ_p
       a'_ip ⊗ b'_ip`` for the divided factors ``a'``, ``b'``.
     norm_a: ``(batch, H, P)`` upper bounds of the norms ``‖a'_hp‖`` (ones for one-hot
